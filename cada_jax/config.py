@@ -36,6 +36,7 @@ __all__ = [
     "OptimSection",
     "LoRASection",
     "CheckpointSection",
+    "MeshSection",
     "SFTSection",
     "RewardSpec",
     "RLSection",
@@ -139,6 +140,20 @@ class CheckpointSection:
     def __post_init__(self):
         _check(self.every_steps >= 1, "checkpoint.every_steps", f"must be >= 1, got {self.every_steps}")
         _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = _f(-1, "data-parallel replicas (batch split, weights whole or fsdp-split); -1 = all devices left over")
+    fsdp: int = _f(1, "devices that split weights, gradients and optimizer state (ZeRO-3) and the batch")
+    tensor: int = _f(1, "devices that split attention heads, MLP width and vocabulary; keep within a host")
+
+    def __post_init__(self):
+        for key in ("data", "fsdp", "tensor"):
+            v = getattr(self, key)
+            _check(v >= 1 or v == -1, f"mesh.{key}", f"must be a positive number of devices or -1 (all left over), got {v}")
+        _check([self.data, self.fsdp, self.tensor].count(-1) <= 1, "mesh",
+               f"only one of data, fsdp, tensor may be -1, got data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +331,7 @@ class Config:
     optim: OptimSection = _f(OptimSection, "AdamW, learning-rate schedule, clipping, accumulation")
     lora: LoRASection = _f(LoRASection, "low-rank adapters")
     checkpoint: CheckpointSection = _f(CheckpointSection, "orbax train-state checkpoints")
+    mesh: MeshSection = _f(MeshSection, "device mesh of SFT and RL: data / fsdp / tensor parallelism (data*fsdp*tensor = devices)")
     sft: SFTSection = _f(SFTSection, "supervised fine-tuning (context distillation)")
     rl: RLSection = _f(RLSection, "reinforcement learning (GRPO family)")
     generate: GenerateSection = _f(GenerateSection, "CADA stage 1: self-generated reasoning chains, judge-filtered")
