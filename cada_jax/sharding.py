@@ -58,6 +58,13 @@ __all__ = [
     "shard_params",
     "shard_batch",
     "constrain",
+    "fit_sharding",
+    "logical_shardings",
+    "place_rows",
+    "place_process_rows",
+    "data_shard",
+    "to_host",
+    "mesh_from_config",
     "per_device_param_bytes",
     "memory_estimate",
     "detect_cluster",
@@ -445,6 +452,90 @@ def shard_batch(batch, mesh: Mesh, *, process_local: bool = False):
 def constrain(x, mesh: Mesh, logical, cfg: ModelConfig | None = None):
     """`with_sharding_constraint` by logical names, for activations inside jitted code."""
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_mesh(tuple(logical), rules_for(cfg, mesh))))
+
+
+def fit_sharding(mesh: Mesh, shape, logical, cfg: ModelConfig | None = None) -> NamedSharding:
+    """NamedSharding of an array of `shape` whose dimensions carry the `logical` names, with every
+    dimension that its mesh axes do not divide left whole (a 6-row micro-batch on data*fsdp = 4 is
+    replicated instead of refused). Names may be fewer than dimensions; the rest stay whole."""
+    sizes = _mesh_sizes(mesh)
+    spec = logical_to_mesh(tuple(logical)[: len(shape)], rules_for(cfg, mesh))
+    out = []
+    for dim, entry in zip(shape, tuple(spec)):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        out.append(entry if axes and dim % math.prod(sizes[a] for a in axes) == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*out))
+
+
+def logical_shardings(logical_tree, mesh: Mesh, cfg: ModelConfig | None = None):
+    """Pytree of NamedShardings for a pytree of PartitionSpecs of logical names (e.g. LoRA adapters'
+    `lora_logical_axes`), under the rules for `cfg` on `mesh`."""
+    rules = rules_for(cfg, mesh)
+    return jax.tree_util.tree_map(
+        lambda spec: NamedSharding(mesh, logical_to_mesh(spec, rules)),
+        logical_tree,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def place_rows(batch, mesh: Mesh):
+    """Place a pytree of host arrays whose leading dimension is the batch: split over (data, fsdp)
+    where that divides the size, else replicated (`fit_sharding`). Every process passes the same
+    global values and fills only its own shards."""
+    return jax.tree_util.tree_map(lambda x: _put(x, fit_sharding(mesh, np.shape(x), ("batch",))), batch)
+
+
+def place_process_rows(batch, mesh: Mesh, global_rows: int):
+    """Place a pytree of this process's rows (its `data_shard` slice of a `global_rows` batch) as
+    global arrays split over (data, fsdp). Processes that feed the same slice pass the same rows."""
+    sh = batch_sharding(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x), (int(global_rows),) + np.shape(x)[1:]), batch
+    )
+
+
+def data_shard(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): this process feeds slice `index` of `count` equal, contiguous slices of every
+    global batch (rows split over data x fsdp). One process: (0, 1). Processes whose devices hold the
+    same rows (the batch replicated over ``tensor`` across hosts) share a slice and must load the
+    same data, so `count` is the number of distinct slices, not the number of processes."""
+    sizes = _mesh_sizes(mesh)
+    rows = sizes["data"] * sizes["fsdp"]
+    held: dict[int, set] = {}
+    for dev, idx in batch_sharding(mesh).devices_indices_map((rows,)).items():
+        r = idx[0]
+        held.setdefault(dev.process_index, set()).update(range(*r.indices(rows)))
+    slices = sorted({tuple(sorted(v)) for v in held.values()})
+    n = len(slices)
+    if rows % n or any(len(s) != rows // n or s != tuple(range(s[0], s[0] + len(s))) for s in slices) or \
+            sorted(i for s in slices for i in s) != list(range(rows)):
+        raise ShardingError(
+            f"the mesh gives processes overlapping or non-contiguous slices of the batch ({slices}); "
+            f"order the devices so that each process holds a contiguous block of the (data, fsdp) axes"
+        )
+    return slices.index(tuple(sorted(held[jax.process_index()]))), n
+
+
+def to_host(x) -> np.ndarray:
+    """`x` whole, as a numpy array on this host. A `jax.Array` spread over other processes' devices is
+    gathered, which is a collective: every process must call this for the same array in the same order."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def mesh_from_config(mesh_cfg, cfg: ModelConfig | None = None, *, batch: int | None = None, devices=None) -> Mesh:
+    """The mesh of a config's ``mesh`` section (any object with ``data``, ``fsdp``, ``tensor``) over all
+    global devices, checked against the model (`validate`); a mesh that does not fit the devices or
+    the model is a one-line ShardingError naming the key to change."""
+    mc = mesh_cfg if isinstance(mesh_cfg, MeshConfig) else MeshConfig(
+        data=int(mesh_cfg.data), fsdp=int(mesh_cfg.fsdp), tensor=int(mesh_cfg.tensor))
+    mesh = make_mesh(mc, devices)
+    if cfg is not None:
+        validate(cfg, mesh, batch=batch)
+    return mesh
 
 
 def per_device_param_bytes(params) -> dict:
