@@ -10,6 +10,9 @@
   checks the decoded text between chunks.
 - Returned log-probs are those of the sampled tokens under the model's unmodified distribution
   (log-softmax of the raw logits, before temperature / top-k / top-p), as RL needs.
+- With a `mesh` the prompt batch and the KV cache are split over (data, fsdp) and the weights
+  stay in their shardings. Across several processes every process passes the same prompts; each
+  fills only its own shards and reads the results back whole (a gather), so all get the same output.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import forward, init_cache, split_layers
+from cada_jax.sharding import shard_params, to_host
 from cada_jax.tokenizer import Tokenizer, bucket
 
 
@@ -293,45 +297,51 @@ class Sampler:
         slots = P + sp.max_new_tokens
         cache_dtype = sp.cache_dtype or self.cfg.dtype
         tokens, mask = self._place(tokens), self._place(mask)
+        multi = jax.process_count() > 1
+        # Host values that every process holds alike enter the programs as numpy (replicated) when
+        # the mesh spans processes; a process-local jax.Array cannot.
+        host_arg = np.asarray if multi else (lambda x: x)
 
         last, cache, next_pos = self._prefill(params, tokens, mask, cfg=self.cfg, slots=slots, cache_dtype=cache_dtype,
                                               unroll=self.unroll_layers)
         self.stats["prefill_calls"] += 1
-        state = _start_state(last, cache, next_pos, jnp.asarray(valid), n=sp.n, max_new=sp.max_new_tokens)
+        state = _start_state(last, cache, next_pos, valid if multi else jnp.asarray(valid), n=sp.n,
+                             max_new=sp.max_new_tokens)
         t_prefill = time.perf_counter()
 
         eos = tuple(sp.eos_ids) if sp.eos_ids is not None else tuple(sorted(self.tokenizer.eos_ids))
         if sp.ignore_eos or not eos:
             eos = (-1,)
         S = Bp * sp.n
-        keys = jax.random.split(jax.random.PRNGKey(sp.seed), S)
+        keys = host_arg(jax.random.split(jax.random.PRNGKey(sp.seed), S))
         greedy = sp.temperature == 0
         chunk = sp.max_new_tokens if not sp.stop_strings else max(1, sp.stop_check_every)
         stopped = np.zeros(S, bool)
         while True:
             state = self._decode(
-                params, state, keys, eos, jnp.float32(sp.temperature), jnp.float32(sp.top_p), cfg=self.cfg,
+                params, state, keys, eos, host_arg(jnp.float32(sp.temperature)), host_arg(jnp.float32(sp.top_p)), cfg=self.cfg,
                 steps=chunk, max_new=sp.max_new_tokens, greedy=greedy, top_k=int(sp.top_k), use_top_p=sp.top_p < 1.0,
                 unroll=self.unroll_layers,
             )
             self.stats["decode_calls"] += 1
-            step = int(state["step"])
-            done = np.asarray(state["done"])
+            step = int(to_host(state["step"]))
+            done = to_host(state["done"])
             if step >= sp.max_new_tokens or done.all():
                 break
             if sp.stop_strings:
-                toks = np.asarray(state["tokens"])
-                lens = np.asarray(state["lengths"])
+                toks = to_host(state["tokens"])
+                lens = to_host(state["lengths"])
                 for i in np.nonzero(~done)[0]:
                     text = self.tokenizer.decode(toks[i, : lens[i]], skip_special_tokens=False)
                     if any(s in text for s in sp.stop_strings):
                         stopped[i] = True
                 if stopped.any():
-                    state["done"] = jnp.asarray(done | stopped)
-        toks = np.asarray(state["tokens"])
-        lps = np.asarray(state["logp"])
-        lens = np.asarray(state["lengths"])
-        eos_hit = np.asarray(state["eos_hit"])
+                    new_done = done | stopped
+                    state["done"] = shard_params(new_done, state["done"].sharding) if multi else jnp.asarray(new_done)
+        toks = to_host(state["tokens"])
+        lps = to_host(state["logp"])
+        lens = to_host(state["lengths"])
+        eos_hit = to_host(state["eos_hit"])
         t_decode = time.perf_counter()
 
         out_ids, out_lp, texts, reasons = [], [], [], []
@@ -357,7 +367,7 @@ class Sampler:
             "prefill_s": t_prefill - t0,
             "decode_s": t_decode - t_prefill,
             "total_s": time.perf_counter() - t0,
-            "decode_steps": int(state["step"]),
+            "decode_steps": int(to_host(state["step"])),
         }
         return SampleOutput(ids, out_ids, out_lp, texts, reasons, sp.n, timings)
 
@@ -383,4 +393,5 @@ class Sampler:
         axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.axis_names)
         size = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
         spec = P(axes) if axes and x.shape[0] % size == 0 else P()
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        sharding = NamedSharding(self.mesh, spec)
+        return shard_params(x, sharding) if jax.process_count() > 1 else jax.device_put(x, sharding)
