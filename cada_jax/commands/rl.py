@@ -4,7 +4,9 @@
     cada rl configs/rl.yaml rl.data=prompts.jsonl rl.rewards='[{name: my_rewards:score, weight: 1.0}]'
 
 Runs (or resumes, from the newest checkpoint in the run directory) `cada_jax.rl.grpo.train_grpo`
-and prints its summary as one JSON line. `cada rl --describe` lists every rl.* key with its default.
+and prints its summary as one JSON line (process 0 only in a multi-host job; every process runs the
+same command, see launch/README.md). `cada rl --describe` lists every rl.* and mesh.* key with its
+default.
 """
 
 from __future__ import annotations
@@ -17,22 +19,25 @@ def cmd_rl(args) -> int:
 
     if args.describe:
         for key, tp, default, doc in describe():
-            if key.startswith("rl."):
+            if key.startswith(("rl.", "mesh.")):
                 print(f"{key} ({tp}) = {json.dumps(default)}  # {doc}")
         return 0
     if not args.config:
         raise ValueError("cada rl: give a YAML config (cada rl CONFIG [key=value ...]); see cada rl --describe")
+    from cada_jax.sharding import initialize_distributed, main_print
+
+    initialize_distributed()  # joins a multi-host job (TPU pod, SLURM, CADA_COORDINATOR ...); no-op on one host
     from cada_jax.rl.grpo import train_grpo
 
     cfg = load_config(args.config, args.overrides)
     summary = train_grpo(cfg)
-    print(json.dumps(summary))
+    main_print(json.dumps(summary))
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("rl", help="GRPO-family RL (sample groups, score with reward functions, update)")
-    p.add_argument("config", nargs="?", help="YAML config (sections run, model, optim, lora, checkpoint, rl)")
+    p.add_argument("config", nargs="?", help="YAML config (sections run, model, optim, lora, checkpoint, mesh, rl)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.steps=50 optim.lr=1e-6")
-    p.add_argument("--describe", action="store_true", help="list the rl.* keys with defaults and docs, then exit")
+    p.add_argument("--describe", action="store_true", help="list the rl.* and mesh.* keys with defaults and docs, then exit")
     p.set_defaults(fn=cmd_rl)

@@ -4,8 +4,9 @@
     cada sft configs/smollm2_cpu.yaml sft.data=runs/smollm2_cpu/generate/chains.jsonl sft.steps=20
 
 Runs (or resumes, from the newest checkpoint in the run directory) `cada_jax.rl.sft.train_sft`,
-exports the model to <run dir>/final and prints its summary as one JSON line.
-`cada sft --describe` lists every sft.* key with its default.
+exports the model to <run dir>/final and prints its summary as one JSON line (process 0 only in a
+multi-host job; every process runs the same command, see launch/README.md).
+`cada sft --describe` lists every sft.* and mesh.* key with its default.
 """
 
 from __future__ import annotations
@@ -18,21 +19,24 @@ def cmd_sft(args) -> int:
 
     if args.describe:
         for key, tp, default, doc in describe():
-            if key.startswith("sft."):
+            if key.startswith(("sft.", "mesh.")):
                 print(f"{key} ({tp}) = {json.dumps(default)}  # {doc}")
         return 0
     if not args.config:
         raise ValueError("cada sft: give a YAML config (cada sft CONFIG [key=value ...]); see cada sft --describe")
+    from cada_jax.sharding import initialize_distributed, main_print
+
+    initialize_distributed()  # joins a multi-host job (TPU pod, SLURM, CADA_COORDINATOR ...); no-op on one host
     from cada_jax.rl.sft import train_sft
 
     summary = train_sft(load_config(args.config, args.overrides))
-    print(json.dumps(summary, default=str))
+    main_print(json.dumps(summary, default=str))
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sft", help="supervised fine-tuning / context distillation on prompt+completion records")
-    p.add_argument("config", nargs="?", help="YAML config (sections run, model, optim, lora, checkpoint, sft)")
+    p.add_argument("config", nargs="?", help="YAML config (sections run, model, optim, lora, checkpoint, mesh, sft)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.data=chains.jsonl sft.steps=20")
-    p.add_argument("--describe", action="store_true", help="list the sft.* keys with defaults and docs, then exit")
+    p.add_argument("--describe", action="store_true", help="list the sft.* and mesh.* keys with defaults and docs, then exit")
     p.set_defaults(fn=cmd_sft)

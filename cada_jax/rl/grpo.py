@@ -38,8 +38,19 @@ params, optimizer state, micro-batch counter, key), the data-iterator position a
 a resumed run continues bit for bit. Metrics per step go to ``<run>/metrics.jsonl`` (wall-clock
 fields: `TIMING_KEYS`). At the end the policy (LoRA merged) is exported as a HF directory.
 
-It runs on one process and one device (jit's default placement); the mesh-sharded update in
-`cada_jax.sharding` is not wired into this loop yet.
+Devices: the config's ``mesh`` section lays the run out over every device of every process
+(`cada_jax.rl.placement`): weights, the frozen reference and the LoRA base in their
+`param_shardings`, the trainable state and the optimizer state in `train_state_shardings` (the
+update's ``out_shardings``), the sampler's batch and KV cache and every update / reference
+micro-batch split over data x fsdp, the logits' vocabulary kept split over ``tensor``. The default
+(all devices on ``data``) on one device is a 1x1x1 mesh: plain single-device jit.
+
+Several processes (`cada_jax.sharding.initialize_distributed`) run the same loop on the same
+prompts: the prompt iterator is global, so sampling seeds, dynamic-sampling decisions, advantages
+and micro-batch order are the same everywhere and do not depend on the number of processes. The
+device work is split by the mesh; the reward functions (judges included) each score a contiguous
+share of the completions and the shares are gathered. Checkpoints are written collectively by
+orbax; process 0 alone writes metrics, the summary and the exported model.
 
 Public: `train_grpo(config, records=None, reward_set=None)`, `GRPOTrainer` (for pipelines that
 bring their own rewards and records), and the pure pieces `build_update_batch`,
@@ -63,14 +74,25 @@ from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
 from cada_jax.models.config import ModelConfig
 from cada_jax.models import decoder as _decoder
 from cada_jax.models.decoder import positions_from_mask
+from cada_jax.rl import placement
 from cada_jax.rl.advantages import compute_advantages, get_advantage, group_has_signal
 from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
 from cada_jax.rl.losses import LossConfig, policy_loss, token_entropy, token_logprobs
-from cada_jax.rl.lora import apply_lora, export_merged, init_lora, merge_lora
-from cada_jax.rl.optim import TrainState, make_optimizer, make_schedule, make_train_step
+from cada_jax.rl.lora import apply_lora, init_lora, merge_lora
+from cada_jax.rl.optim import make_optimizer, make_schedule, make_train_step
 from cada_jax.rl.rewards import RewardSet, reward_set_from_config
+from cada_jax.sharding import (
+    fit_sharding,
+    is_main_process,
+    mesh_from_config,
+    param_shardings,
+    place_rows,
+    replicated,
+    shard_params,
+    to_host,
+)
 
 __all__ = [
     "RLDataError",
@@ -204,13 +226,14 @@ def build_update_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequ
 
 
 def completion_logprobs(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC, *,
-                        cfg: ModelConfig):
+                        cfg: ModelConfig, mesh=None):
     """(log-probs [B, C] of every completion token, their logits [B, C, V]); G = B / N samples per prompt.
 
     One decoder pass over the N prompts fills a KV cache of P + C - 1 slots; its last position
     predicts each group's first completion token. The cache is repeated G times and one pass over
     the first C - 1 completion tokens (positions continuing each prompt's own length) predicts the
     rest. Values equal a full causal pass over [prompt | completion] rows up to float rounding.
+    With a `mesh` the logits stay split over batch and vocabulary through the log-softmax.
     """
     ptok = jnp.asarray(prompt_tokens_NP, jnp.int32)
     pmask = jnp.asarray(prompt_mask_NP, jnp.int32)
@@ -232,13 +255,17 @@ def completion_logprobs(params, prompt_tokens_NP, prompt_mask_NP, completion_tok
         rest_BCV, _ = _decoder.forward(params, ctok[:, :-1], positions_BC, jnp.asarray(completion_mask_BC)[:, :-1],
                                        cache, cfg=cfg)
         logits_BCV = jnp.concatenate([first_BV[:, None], rest_BCV], axis=1)
+    if mesh is not None:
+        logits_BCV = jax.lax.with_sharding_constraint(
+            logits_BCV, fit_sharding(mesh, logits_BCV.shape, ("act_batch", "act_seq", "act_vocab"), cfg))
     return token_logprobs(logits_BCV, ctok), logits_BCV
 
 
-def grpo_loss(params, batch: dict, *, cfg: ModelConfig, loss_cfg: LossConfig):
+def grpo_loss(params, batch: dict, *, cfg: ModelConfig, loss_cfg: LossConfig, mesh=None):
     """(loss, metrics) of `policy_loss` on an update batch, plus the policy's token entropy."""
     logp_BC, logits_BCV = completion_logprobs(params, batch["prompt_tokens_NP"], batch["prompt_mask_NP"],
-                                              batch["completion_tokens_BC"], batch["completion_mask_BC"], cfg=cfg)
+                                              batch["completion_tokens_BC"], batch["completion_mask_BC"], cfg=cfg,
+                                              mesh=mesh)
     mask_BC = batch["completion_mask_BC"]
     loss, metrics = policy_loss(logp_BC, batch["old_logp_BC"], batch["advantages_B"], mask_BC, loss_cfg,
                                 batch.get("ref_logp_BC"))
@@ -290,25 +317,35 @@ def _optimizer_cached(optim_cfg, total_micro_steps: int):
     return make_optimizer(optim_cfg, total_micro_steps)
 
 
+def _constraint_mesh(mesh):
+    """The mesh for activation constraints: None on one device (nothing to constrain)."""
+    return mesh if mesh is not None and mesh.size > 1 else None
+
+
 @functools.lru_cache(maxsize=8)
-def _update_fn(model_cfg: ModelConfig, lora_cfg, loss_cfg: LossConfig):
-    """The jitted, state-donating GRPO update (full fine-tuning, or LoRA over frozen base weights)."""
+def _update_fn(model_cfg: ModelConfig, lora_cfg, loss_cfg: LossConfig, mesh, tx):
+    """The jitted, state-donating GRPO update (full fine-tuning, or LoRA over frozen base weights);
+    the new state comes back in `placement.train_state_shardings`, the metrics replicated."""
+    cm = _constraint_mesh(mesh)
     if lora_cfg is None:
         def loss_fn(params, batch, rng, frozen):
-            return grpo_loss(params, batch, cfg=model_cfg, loss_cfg=loss_cfg)
+            return grpo_loss(params, batch, cfg=model_cfg, loss_cfg=loss_cfg, mesh=cm)
     else:
         def loss_fn(lora, batch, rng, frozen):
-            return grpo_loss(apply_lora(frozen, lora, lora_cfg), batch, cfg=model_cfg, loss_cfg=loss_cfg)
-    return make_train_step(loss_fn)
+            return grpo_loss(apply_lora(frozen, lora, lora_cfg), batch, cfg=model_cfg, loss_cfg=loss_cfg, mesh=cm)
+    out = (placement.train_state_shardings(model_cfg, lora_cfg, mesh, tx), replicated(mesh))
+    return make_train_step(loss_fn, out_shardings=out)
 
 
 @functools.lru_cache(maxsize=8)
-def _logprob_fn(model_cfg: ModelConfig):
-    """Jitted ``(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC) -> logp_BC``."""
+def _logprob_fn(model_cfg: ModelConfig, mesh=None):
+    """Jitted ``(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC) -> logp_BC``
+    (inputs keep the shardings they arrive with)."""
+    cm = _constraint_mesh(mesh)
 
     def fn(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC):
         logp, _ = completion_logprobs(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC,
-                                      completion_mask_BC, cfg=model_cfg)
+                                      completion_mask_BC, cfg=model_cfg, mesh=cm)
         return jnp.where(completion_mask_BC != 0, logp, 0.0)
 
     return jax.jit(fn)
@@ -334,13 +371,12 @@ class GRPOTrainer:
 
     The state lives in attributes: ``state`` (TrainState of the trainable pytree), ``frozen`` (base
     weights under LoRA, else None), ``reference`` (reference params or None when beta == 0),
-    ``step`` (RL steps done), ``it`` (the data iterator). ``stats`` counts program calls.
+    ``step`` (RL steps done), ``it`` (the data iterator), ``mesh`` (the device mesh every array lives
+    on). ``stats`` counts program calls.
     """
 
     def __init__(self, cfg: Config, reward_set: RewardSet | None = None, records: Sequence[dict] | None = None,
                  eval_records: Sequence[dict] | None = None, *, model_dir: str | None = None):
-        if jax.process_count() > 1:
-            raise ConfigError("GRPOTrainer runs on a single process; launch it on one host")
         self.cfg = cfg
         rl = self.rl = cfg.rl
         self.run_dir = os.path.abspath(cfg.run.dir)
@@ -385,9 +421,17 @@ class GRPOTrainer:
             dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
             attention_impl=cfg.model.attention_impl,
         )
+        self.mesh = mesh_from_config(cfg.mesh, self.model_cfg)
+        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if self.minibatch % rows:
+            raise ConfigError(
+                f"rl.minibatch_size={self.minibatch} completions per update cannot be split over mesh data*fsdp = {rows} "
+                f"devices; use a multiple of {rows} (with rl.prompts_per_step * rl.group_size a multiple of it)"
+            )
         self.max_seq_len = min(cfg.model.max_seq_len, self.model_cfg.max_position_embeddings)
         self.tokenizer = Tokenizer(self.model_dir)
-        self.sampler = Sampler(self.model_cfg, self.tokenizer, max_seq_len=self.max_seq_len)
+        self.sampler = Sampler(self.model_cfg, self.tokenizer, max_seq_len=self.max_seq_len,
+                               mesh=self.mesh if self.mesh.size > 1 else None)
 
         source = rl.data or "records"
         if records is None:
@@ -399,8 +443,9 @@ class GRPOTrainer:
                 eval_records = read_prompt_records(rl.eval_data, key="rl.eval_data")
             self.eval_records, self.eval_prompts, self.eval_prompt_ids = self._encode(eval_records, rl.eval_data or "eval records")
 
+        # One global prompt order on every process (see the module doc), so process_count=1 here.
         ds = prompt_dataset(list(range(len(self.records))), seed=rl.seed, shuffle=True, num_epochs=None,
-                            batch_size=rl.prompts_per_step, name=source)
+                            batch_size=rl.prompts_per_step, name=source, process_index=0, process_count=1)
         self.it = make_iterator(ds)
 
         root = jax.random.PRNGKey(cfg.run.seed)
@@ -409,13 +454,14 @@ class GRPOTrainer:
         tx = _optimizer(cfg.optim, self.total_micro)
         self.schedule = make_schedule(cfg.optim, self.total_micro)
         self.lora_cfg = cfg.lora if cfg.lora.enabled else None
-        self._update = _update_fn(self.model_cfg, self.lora_cfg, self.loss_cfg)
-        self._ref_logp = _logprob_fn(self.model_cfg)
+        self._update = _update_fn(self.model_cfg, self.lora_cfg, self.loss_cfg, self.mesh, tx)
+        self._ref_logp = _logprob_fn(self.model_cfg, self.mesh)
         self.stats = {"reference_calls": 0, "update_calls": 0, "sample_calls": 0, "eval_calls": 0}
         self._timing = {"sampling_s": 0.0, "reward_s": 0.0}
         self.compiled_shapes: set[tuple[int, int]] = set()
 
-        # State: resume reads arrays straight from the checkpoint (no second copy of full weights).
+        # State: resume reads arrays straight from the checkpoint into their shards (no second
+        # copy of full weights); weights are loaded straight into their shards.
         self.ckpt = Checkpointer.from_config(cfg.checkpoint, self.run_dir)
         resuming = self.ckpt.latest_step() is not None
         need_base = self.lora_cfg is not None or not resuming or rl.beta > 0
@@ -423,26 +469,27 @@ class GRPOTrainer:
         if need_base:
             from cada_jax.checkpoints.hf import load_params
 
-            base, _ = load_params(self.model_dir, self.model_cfg)
+            base, _ = load_params(self.model_dir, self.model_cfg, shardings=param_shardings(self.model_cfg, self.mesh))
         self.frozen = base if self.lora_cfg is not None else None
+        trainable = None
         if self.lora_cfg is not None:
-            trainable = init_lora(base, self.model_cfg, self.lora_cfg, lora_key)
+            if not resuming:
+                trainable = shard_params(init_lora(base, self.model_cfg, self.lora_cfg, lora_key),
+                                         placement.trainable_shardings(self.model_cfg, self.mesh, self.lora_cfg))
             self.reference = base if rl.beta > 0 else None  # the base weights, no adapters, no copy
         elif resuming:
-            from cada_jax.models.decoder import param_shapes
-
-            trainable = param_shapes(self.model_cfg)
             self.reference = base if rl.beta > 0 else None
         elif rl.beta > 0:
-            trainable = jax.tree.map(lambda x: jnp.array(x, copy=True), base)  # the frozen reference keeps `base`
+            trainable = placement.copy_tree(base)  # the frozen reference keeps `base`
             self.reference = base
         else:
             trainable = base  # donated to the first update; nothing else holds it
             self.reference = None
         del base
         self.step = 0
+        where = dict(model_cfg=self.model_cfg, lora_cfg=self.lora_cfg, mesh=self.mesh)
         if resuming:
-            template = jax.eval_shape(lambda t: TrainState.create(t, tx, state_key), trainable)
+            template = placement.abstract_state(tx, state_key, **where)
             restored = self.ckpt.restore_latest(template)
             self.state, self.step = restored.state, restored.step
             if int(self.state.step) != self.step * self.micro_per_step:
@@ -452,11 +499,9 @@ class GRPOTrainer:
                 )
             restore_iterator(self.it, restored.data_state, source=f"{self.ckpt.directory}/{self.step}")
         else:
-            self.state = TrainState.create(trainable, tx, state_key)
-        # Restored arrays are committed to their device; fresh ones are not, and jit keys its
-        # compiled programs on that. Committing the fresh state lets a resumed run (and the next
-        # run in the same process) reuse the compiled sampler and update.
-        self.state = jax.device_put(self.state, jax.devices()[0])
+            # Fresh and restored states carry the same shardings, so a resumed run (and the next
+            # run in the same process) reuses the compiled sampler and update.
+            self.state = placement.create_state(trainable, tx, state_key, **where)
         self.resumed_from = self.step
         del trainable
 
@@ -483,6 +528,27 @@ class GRPOTrainer:
             keys += [k for k in r if k != self.rl.prompt_field and k not in keys]
         return {k: [r.get(k) for r in records for _ in range(n)] for k in keys}
 
+    def _score(self, prompts: list, completions: list, columns: dict) -> np.ndarray:
+        """Raw rewards [F, B] of `RewardSet.score`. With several processes each scores a contiguous
+        share of the rows (a judge's work is split, not repeated) and the shares are gathered, so
+        every process ends with the same array."""
+        n_proc = jax.process_count()
+        if n_proc == 1:
+            return self.reward_set.score(prompts, completions, **columns)
+        from jax.experimental import multihost_utils
+
+        B, F = len(completions), len(self.reward_set.names)
+        share = -(-B // n_proc)
+        lo = min(B, jax.process_index() * share)
+        hi = min(B, lo + share)
+        part = np.zeros((F, share), np.float64)
+        if hi > lo:
+            part[:, :hi - lo] = self.reward_set.score(prompts[lo:hi], completions[lo:hi],
+                                                      **{k: v[lo:hi] for k, v in columns.items()})
+        # float64 travels as uint32 pairs: the gather goes through JAX arrays, which are 32-bit here.
+        parts = np.asarray(multihost_utils.process_allgather(part.view(np.uint32)))
+        return np.concatenate([p.view(np.float64) for p in parts], axis=1)[:, :B]
+
     # ------------------------------------------------------------------ policy params
     def policy_params(self):
         """The current policy's full parameters (LoRA merged into the base weights)."""
@@ -507,7 +573,7 @@ class GRPOTrainer:
         columns = self._columns(recs, G)
         columns["completion_ids"] = [list(c) for c in out.completion_ids]
         prompts = [_prompt_text(self.prompts[i]) for i in idxs for _ in range(G)]
-        raw_FB = self.reward_set.score(prompts, out.texts, **columns)
+        raw_FB = self._score(prompts, out.texts, columns)
         total_B = self.reward_set.combine(raw_FB)
         t2 = time.perf_counter()
         groups = []
@@ -599,11 +665,12 @@ class GRPOTrainer:
         per_chunk = self.minibatch // self.rl.group_size
         chunks = []
         for s in range(0, n_groups, per_chunk):
-            mb = self.micro_batch(batch, np.arange(s, min(s + per_chunk, n_groups)))
+            mb = place_rows(self.micro_batch(batch, np.arange(s, min(s + per_chunk, n_groups))), self.mesh)
             chunks.append(self._ref_logp(self.reference, mb["prompt_tokens_NP"], mb["prompt_mask_NP"],
                                          mb["completion_tokens_BC"], mb["completion_mask_BC"]))
             self.stats["reference_calls"] += 1
-        return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=0)
+        # On the host, like the rest of the update batch (gathered from every process's devices).
+        return np.concatenate([to_host(c) for c in chunks], axis=0)
 
     # ------------------------------------------------------------------ update
     def update(self, batch: dict, step: int) -> dict:
@@ -619,11 +686,11 @@ class GRPOTrainer:
             else:
                 order = np.arange(n_groups)
             for m in range(n_mb):
-                mb = self.micro_batch(batch, order[m * per_mb:(m + 1) * per_mb])
+                mb = place_rows(self.micro_batch(batch, order[m * per_mb:(m + 1) * per_mb]), self.mesh)
                 self.state, metrics = self._update(self.state, mb, None, self.frozen)
                 self.stats["update_calls"] += 1
                 collected.append(metrics)
-        host = jax.device_get(collected)
+        host = jax.tree.map(to_host, collected)  # replicated scalars: readable on every process
         out = {}
         for k in host[0]:
             vals = np.asarray([m[k] for m in host])
@@ -646,7 +713,7 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         reference_s = 0.0
         if self.loss_cfg.beta > 0:
-            batch["ref_logp_BC"] = jax.block_until_ready(self.reference_logprobs(batch))
+            batch["ref_logp_BC"] = self.reference_logprobs(batch)  # on the host: the work is done
             reference_s = time.perf_counter() - t1
         t2 = time.perf_counter()
         metrics.update(self.update(batch, step))
@@ -675,7 +742,7 @@ class GRPOTrainer:
             recs = [self.eval_records[i] for i in idx]
             columns = self._columns(recs, 1)
             columns["completion_ids"] = [list(c) for c in out.completion_ids]
-            raws.append(self.reward_set.score([_prompt_text(self.eval_prompts[i]) for i in idx], out.texts, **columns))
+            raws.append(self._score([_prompt_text(self.eval_prompts[i]) for i in idx], out.texts, columns))
             lengths += [len(c) for c in out.completion_ids]
         raw = np.concatenate(raws, axis=1)
         out = {"eval_reward_mean": float(self.reward_set.combine(raw).mean()),
@@ -695,7 +762,8 @@ class GRPOTrainer:
         """Run (or resume) to ``rl.steps``; checkpoints, metrics, preemption, export. Returns a summary."""
         cfg, rl = self.cfg, self.rl
         os.makedirs(self.run_dir, exist_ok=True)
-        dump_yaml(cfg, os.path.join(self.run_dir, "config.yaml"))
+        if is_main_process():
+            dump_yaml(cfg, os.path.join(self.run_dir, "config.yaml"))
         summary: dict[str, Any] = {
             "run_dir": self.run_dir, "total_steps": rl.steps, "resumed_from": self.resumed_from, "preempted": False,
             "skipped": 0, "groups_dropped": 0, "first_reward": None, "last_reward": None, "export_dir": None,
@@ -732,21 +800,17 @@ class GRPOTrainer:
         if summary["preempted"]:
             return summary
         summary["export_dir"] = self.export(os.path.join(self.run_dir, "final"))
-        tmp = os.path.join(self.run_dir, ".summary.tmp")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, os.path.join(self.run_dir, "summary.json"))
+        if is_main_process():
+            tmp = os.path.join(self.run_dir, ".summary.tmp")
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(tmp, os.path.join(self.run_dir, "summary.json"))
         return summary
 
     def export(self, out_dir: str) -> str:
-        """Write the policy (LoRA merged) as a HF directory."""
-        dtype = self.cfg.model.param_dtype
-        if self.lora_cfg is not None:
-            return export_merged(self.frozen, self.state.params, self.model_cfg, self.cfg.lora, out_dir,
-                                 tokenizer_dir=self.model_dir, dtype=dtype)
-        from cada_jax.checkpoints.hf import export_hf
-
-        return export_hf(self.state.params, self.model_cfg, out_dir, tokenizer_dir=self.model_dir, dtype=dtype)
+        """Write the policy (LoRA merged) as a HF directory (process 0 writes; every process calls this)."""
+        return placement.export(self.policy_params(), self.model_cfg, out_dir, tokenizer_dir=self.model_dir,
+                                dtype=self.cfg.model.param_dtype)
 
 
 def train_grpo(config: Config, records: Sequence[dict] | None = None, reward_set: RewardSet | None = None,

@@ -34,7 +34,8 @@ from cada_jax.config import LORA_TARGETS, LoRASection
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import param_logical_axes
 
-__all__ = ["LORA_GROUPS", "init_lora", "apply_lora", "merge_lora", "export_merged", "lora_logical_axes", "lora_param_count"]
+__all__ = ["LORA_GROUPS", "init_lora", "apply_lora", "merge_lora", "export_merged", "lora_logical_axes", "lora_shapes",
+           "lora_param_count"]
 
 # target name -> (sub-module under params["layers"], number of input axes after the layer axis)
 LORA_GROUPS = {
@@ -144,6 +145,23 @@ def lora_logical_axes(cfg: ModelConfig, lora_cfg: LoRASection) -> dict:
         a = PartitionSpec(*names[:1 + n_in], None)
         b = PartitionSpec(names[0], None, *names[1 + n_in:])
         out["layers"].setdefault(group, {})[target] = {"a": a, "b": b}
+    return out
+
+
+def lora_shapes(cfg: ModelConfig, lora_cfg: LoRASection) -> dict:
+    """ShapeDtypeStructs of the adapters `init_lora` makes (same tree), without drawing them."""
+    from cada_jax.models.decoder import param_shapes
+
+    base = param_shapes(cfg)
+    r = int(lora_cfg.rank)
+    out: dict = {"layers": {}}
+    for target in lora_cfg.targets:
+        w = _kernel(base, target)
+        in_shape, out_shape = _split_shape(tuple(w.shape), target)
+        out["layers"].setdefault(LORA_GROUPS[target][0], {})[target] = {
+            "a": jax.ShapeDtypeStruct((w.shape[0], *in_shape, r), jnp.float32),
+            "b": jax.ShapeDtypeStruct((w.shape[0], r, *out_shape), jnp.float32),
+        }
     return out
 
 

@@ -118,11 +118,13 @@ def make_optimizer(optim_cfg: OptimSection, total_steps: int) -> optax.GradientT
     return tx
 
 
-def make_train_step(loss_fn: Callable, *, donate: bool = True) -> Callable:
+def make_train_step(loss_fn: Callable, *, donate: bool = True, out_shardings: Any = None) -> Callable:
     """A jitted ``(state, batch, rng=None, frozen=None) -> (state, metrics)``; see the module doc.
 
     metrics: loss, grad_norm (before clipping), skipped (0/1 int32) and every scalar in the
-    loss function's aux dict.
+    loss function's aux dict. `out_shardings` (e.g. ``(state shardings, replicated)`` on a mesh)
+    pins where the new state lives, so it keeps the layout of the state it replaces; the inputs
+    keep the shardings they arrive with.
     """
 
     def step(state: TrainState, batch, rng=None, frozen=None):
@@ -144,4 +146,5 @@ def make_train_step(loss_fn: Callable, *, donate: bool = True) -> Callable:
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(step, donate_argnums=(0,) if donate else (), **kw)

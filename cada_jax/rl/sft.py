@@ -29,8 +29,16 @@ long completion weighs by its length, as in context-distillation SFT).
 newest complete checkpoint in ``checkpoint.dir`` (train state + data iterator position); metrics to
 ``<run>/metrics.jsonl``, TensorBoard and a progress bar; SIGTERM/SIGINT save a checkpoint and
 return at the next step boundary; at the end the model (LoRA merged in) is written as a HF
-directory to ``<run>/final``. It runs on one process (jit's default device placement); the mesh
-section of the config plugs data/model parallelism in through ``cada_jax.sharding``.
+directory to ``<run>/final``.
+
+Devices: the config's ``mesh`` section lays the run out over every device of every process
+(`cada_jax.rl.placement`): weights and LoRA base in their `param_shardings`, the train state in
+`train_state_shardings` (the update's ``out_shardings``), each batch split over data x fsdp. The
+default on one device is a 1x1x1 mesh: plain single-device jit. With several processes the grain
+pipeline is sharded: a process loads only the rows of its devices (`sharding.data_shard`; its
+share of ``sft.batch_size``), the processes agree on each step's padded length, and the rows are
+assembled into one global batch. Checkpoints are written collectively by orbax; process 0 alone
+writes metrics, the summary and the exported model.
 """
 
 from __future__ import annotations
@@ -55,8 +63,19 @@ from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
 from cada_jax.rl.losses import token_logprobs
-from cada_jax.rl.lora import apply_lora, export_merged, init_lora
-from cada_jax.rl.optim import TrainState, make_optimizer, make_schedule, make_train_step
+from cada_jax.rl import placement
+from cada_jax.rl.lora import apply_lora, init_lora, merge_lora
+from cada_jax.rl.optim import make_optimizer, make_schedule, make_train_step
+from cada_jax.sharding import (
+    data_shard,
+    is_main_process,
+    mesh_from_config,
+    param_shardings,
+    place_process_rows,
+    replicated,
+    shard_params,
+    to_host,
+)
 
 __all__ = [
     "Example",
@@ -315,15 +334,26 @@ def _optimizer_cached(optim_cfg, total_steps: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(model_cfg: ModelConfig, lora_cfg):
-    """The jitted SFT update for a model config (and LoRA config, or None for full fine-tuning)."""
+def _train_step(model_cfg: ModelConfig, lora_cfg, mesh, tx):
+    """The jitted SFT update for a model config (and LoRA config, or None for full fine-tuning);
+    the new state comes back in `placement.train_state_shardings`, the metrics replicated."""
     if lora_cfg is None:
         def loss_fn(params, batch, rng, frozen):
             return sft_loss(params, batch, cfg=model_cfg)
     else:
         def loss_fn(lora, batch, rng, frozen):
             return sft_loss(apply_lora(frozen, lora, lora_cfg), batch, cfg=model_cfg)
-    return make_train_step(loss_fn)
+    out = (placement.train_state_shardings(model_cfg, lora_cfg, mesh, tx), replicated(mesh))
+    return make_train_step(loss_fn, out_shardings=out)
+
+
+def _agree_max(n: int) -> int:
+    """The largest `n` over all processes (every process must call this at the same point)."""
+    if jax.process_count() == 1:
+        return int(n)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(n))))
 
 
 def _pause_for_test(step: int, guard: PreemptionGuard, run_dir: str) -> None:
@@ -342,14 +372,13 @@ def _pause_for_test(step: int, guard: PreemptionGuard, run_dir: str) -> None:
 
 def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
     """Run (or resume) SFT as configured; returns a summary dict (see the module doc)."""
-    if jax.process_count() > 1:
-        raise ConfigError("train_sft runs on a single process; launch it on one host (multi-host SFT needs the mesh section)")
     sft, run = cfg.sft, cfg.run
     if sft.max_len > cfg.model.max_seq_len:
         raise ConfigError(f"sft.max_len={sft.max_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower sft.max_len or raise model.max_seq_len")
     run_dir = os.path.abspath(run.dir)
     os.makedirs(run_dir, exist_ok=True)
-    dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+    if is_main_process():
+        dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
 
     from cada_jax.tokenizer import Tokenizer
 
@@ -358,6 +387,14 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
         raise ConfigError(
             f"sft.max_len={sft.max_len} exceeds the model's max_position_embeddings={model_cfg.max_position_embeddings} ({model_dir}/config.json)"
         )
+    mesh = mesh_from_config(cfg.mesh, model_cfg)
+    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if sft.batch_size % rows_split:
+        raise ConfigError(
+            f"sft.batch_size={sft.batch_size} rows cannot be split over mesh data*fsdp = {rows_split} devices; "
+            f"use a multiple of {rows_split}"
+        )
+    shard, n_shards = data_shard(mesh)  # this process loads slice `shard` of `n_shards` of every batch
     tokenizer = Tokenizer(model_dir)
     source = sft.data or "records"
     if records is None:
@@ -376,7 +413,8 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
         raise ConfigError(f"{source}: {len(rows)} rows cannot fill one batch of sft.batch_size={sft.batch_size}; lower it or add data")
     total_steps = sft.steps or max(1, math.ceil(sft.epochs * len(rows) / sft.batch_size))
 
-    ds = prompt_dataset(rows, seed=sft.seed, shuffle=True, num_epochs=None, batch_size=sft.batch_size, name=source)
+    ds = prompt_dataset(rows, seed=sft.seed, shuffle=True, num_epochs=None, batch_size=sft.batch_size // n_shards,
+                        name=source, process_index=shard, process_count=n_shards)
     it = make_iterator(ds)
 
     root = jax.random.PRNGKey(run.seed)
@@ -384,7 +422,7 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
     tx = _optimizer(cfg.optim, total_steps)
     schedule = make_schedule(cfg.optim, total_steps)
     lora_cfg = cfg.lora if cfg.lora.enabled else None
-    train_step = _train_step(model_cfg, lora_cfg)
+    train_step = _train_step(model_cfg, lora_cfg, mesh, tx)
 
     # Resuming builds the state only abstractly and reads the arrays straight from the
     # checkpoint, so a full fine-tune never holds two copies of the weights.
@@ -394,27 +432,27 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
     if lora_cfg is not None or not resuming:
         from cada_jax.checkpoints.hf import load_params
 
-        base, _ = load_params(model_dir, model_cfg)
+        base, _ = load_params(model_dir, model_cfg, shardings=param_shardings(model_cfg, mesh))
+    trainable = None
     if lora_cfg is not None:
-        trainable = init_lora(base, model_cfg, lora_cfg, lora_key)
-    elif resuming:
-        from cada_jax.models.decoder import param_shapes
-
-        trainable = param_shapes(model_cfg)
-    else:
+        if not resuming:
+            trainable = shard_params(init_lora(base, model_cfg, lora_cfg, lora_key),
+                                     placement.trainable_shardings(model_cfg, mesh, lora_cfg))
+    elif not resuming:
         trainable = base  # its buffers are donated to the first update: `base` is not used again
     frozen = base if lora_cfg is not None else None
     del base
     start = 0
+    where = dict(model_cfg=model_cfg, lora_cfg=lora_cfg, mesh=mesh)
     if resuming:
-        template = jax.eval_shape(lambda t: TrainState.create(t, tx, state_key), trainable)
+        template = placement.abstract_state(tx, state_key, **where)
         restored = ckpt.restore_latest(template)
         state, start = restored.state, restored.step
         if int(state.step) != start:
             raise ValueError(f"{ckpt.directory}/{start}: saved state.step={int(state.step)} differs from the checkpoint step; the checkpoint is corrupt")
         restore_iterator(it, restored.data_state, source=f"{ckpt.directory}/{start}")
     else:
-        state = TrainState.create(trainable, tx, state_key)
+        state = placement.create_state(trainable, tx, state_key, **where)
     del trainable
     meta = {"total_steps": total_steps, "examples": len(examples), "rows": len(rows), "model_dir": model_dir,
             "config": to_dict(cfg)}
@@ -432,14 +470,14 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
         with PreemptionGuard() as guard:
             while step < total_steps:
                 batch_rows = next(it)
-                longest = max(_row_slots(examples, r) for r in batch_rows)
+                longest = _agree_max(max(_row_slots(examples, r) for r in batch_rows))
                 length = next(b for b in buckets if b >= longest)
                 shapes.add(length)
-                batch = collate(examples, batch_rows, length)
+                batch = place_process_rows(collate(examples, batch_rows, length), mesh, sft.batch_size)
                 state, metrics = train_step(state, batch, None, frozen)
                 step += 1
                 if step % run.log_every == 0 or step == total_steps:
-                    metrics = dict(metrics, lr=schedule((step - 1) // cfg.optim.grad_accum))
+                    metrics = dict(jax.tree.map(to_host, metrics), lr=schedule((step - 1) // cfg.optim.grad_accum))
                     row = logger.log(step, metrics)
                     summary["first_loss"] = row["loss"] if summary["first_loss"] is None else summary["first_loss"]
                     summary["last_loss"] = row["loss"]
@@ -462,15 +500,11 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
         return summary
 
     final_dir = os.path.join(run_dir, "final")
-    export_dtype = cfg.model.param_dtype
-    if lora_cfg is not None:
-        export_merged(frozen, state.params, model_cfg, cfg.lora, final_dir, tokenizer_dir=model_dir, dtype=export_dtype)
-    else:
-        from cada_jax.checkpoints.hf import export_hf
-
-        export_hf(state.params, model_cfg, final_dir, tokenizer_dir=model_dir, dtype=export_dtype)
+    params = state.params if lora_cfg is None else merge_lora(frozen, state.params, cfg.lora)
+    placement.export(params, model_cfg, final_dir, tokenizer_dir=model_dir, dtype=cfg.model.param_dtype)
     summary["export_dir"] = final_dir
-    with open(os.path.join(run_dir, ".summary.tmp"), "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(os.path.join(run_dir, ".summary.tmp"), os.path.join(run_dir, "summary.json"))
+    if is_main_process():
+        with open(os.path.join(run_dir, ".summary.tmp"), "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(os.path.join(run_dir, ".summary.tmp"), os.path.join(run_dir, "summary.json"))
     return summary
