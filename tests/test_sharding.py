@@ -10,6 +10,12 @@ so the multi-device checks run in subprocesses:
 * ``launch/multihost_local.sh -n 2 -d 4 -- python -m tests.multihost_worker``: two processes joined
   with jax.distributed (CPU collectives) running the same GRPO update, an orbax checkpoint saved
   collectively and restored, checksums compared across processes and with the 8-device run.
+* ``python -m tests.trainer_worker`` twice, side by side: on 8 devices and on 1. GRPO and SFT (full
+  and LoRA) through the trainers' entry points with the config's ``mesh`` section; the exported
+  models and per-step metrics of the mesh runs equal the single-device runs.
+* ``launch/multihost_local.sh -n 2 -d 4 -- python -m tests.multihost_trainer_worker``: the GRPO
+  trainer and ``cada sft`` in two processes: preempted or stopped, checkpointed collectively,
+  resumed; resumed runs equal straight ones and both processes agree.
 
 Both subprocesses compile with ``--xla_backend_optimization_level=0``: the models are tiny, compile
 time is what costs, and every comparison is between two runs under the same flags.
@@ -29,6 +35,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from cada_jax.config import ConfigError, load_config
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import param_logical_axes, param_shapes
 from cada_jax.sharding import (
@@ -424,3 +431,137 @@ def test_gpu_dry_run_commands(tmp_path):
     assert not os.path.exists(venv)
     none = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True)
     assert none.returncode == 2 and "no command given" in none.stderr
+
+
+# ----------------------------------------------------------------------------- the trainers on a mesh
+
+
+def _trainer_env(devices: int) -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+
+
+@pytest.fixture(scope="module")
+def np_model_dir(tmp_path_factory):
+    """The tiny Llama of tests/mesh_worker.py (numpy weights, fixture tokenizer; no torch import)."""
+    from tests.mesh_worker import tiny_model_dir
+
+    return tiny_model_dir(str(tmp_path_factory.mktemp("np_model")))
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory, np_model_dir):
+    """tests/trainer_worker.py on 8 devices (meshes) and on 1, run side by side on one tiny model."""
+    root = tmp_path_factory.mktemp("trainers")
+    model_dir = np_model_dir
+    procs = {kind: subprocess.Popen([sys.executable, "-m", "tests.trainer_worker", str(root / kind), model_dir, kind],
+                                    cwd=ROOT, env=_trainer_env(8 if kind == "mesh" else 1), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for kind in ("mesh", "single")}
+    out = {}
+    for kind, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        (out[kind],) = _results(stdout)
+    out["model_dir"] = model_dir
+    return out
+
+
+def _max_abs_diff(dir_a: str, dir_b: str) -> float:
+    from cada_jax.checkpoints.hf import load_params
+
+    a, _ = load_params(dir_a)
+    b, _ = load_params(dir_b)
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+@pytest.mark.parametrize("run", ["grpo", "sft", "lora"])
+def test_trainers_on_a_mesh_match_one_device(trainer_runs, run):
+    mesh, single = trainer_runs["mesh"][run], trainer_runs["single"][run]
+    assert trainer_runs["mesh"]["devices"] == 8 and trainer_runs["single"]["devices"] == 1
+    assert len(mesh["metrics"]) == len(single["metrics"]) >= 2
+    for got, want in zip(mesh["metrics"], single["metrics"]):
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            if isinstance(v, int):  # counts, lengths: exactly equal (the same tokens were sampled)
+                assert got[k] == v, (run, k)
+            else:
+                assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-5), (run, k)
+    # the runs moved the model, and the mesh run moved it to the same place (measured: <= 7e-6)
+    assert _max_abs_diff(single["export"], trainer_runs["model_dir"]) > 1e-3
+    assert _max_abs_diff(mesh["export"], single["export"]) < 5e-5
+    if run == "grpo":
+        assert single["metrics"][0]["advantage_std"] > 0.5  # the groups had a signal to learn from
+        assert single["metrics"][1]["kl"] > 0  # the reference (beta > 0) was used
+
+
+def test_trainer_state_lives_in_its_shards(trainer_runs):
+    g = trainer_runs["mesh"]["grpo"]
+    assert g["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    for key in ("q_proj_spec", "mu_q_proj_spec", "ref_q_proj_spec"):  # policy, Adam moment, frozen reference
+        assert g[key] == "P(None, 'fsdp', 'tensor', None)", key
+    b = g["param_bytes"]
+    assert len(b["per_device"]) == 8 and len(set(b["per_device"])) == 1
+    assert b["per_device"][0] < 1.1 * b["total"] / 8  # split fsdp*tensor = 8 ways (norm scales whole)
+
+
+def test_bad_mesh_config_is_a_one_line_error(np_model_dir, tmp_path):
+    from cada_jax.rl.grpo import GRPOTrainer
+    from cada_jax.rl.sft import train_sft
+
+    base = [f"model.path={np_model_dir}", f"run.out_dir={tmp_path}", "run.progress=false", "sft.max_len=128"]
+    recs = [{"prompt": "hi", "completion": "there"}] * 8
+    with pytest.raises(ShardingError, match=r"^mesh data=2 x fsdp=1 x tensor=1 = 2 devices, but 1 devices are available; "
+                                            r"make data\*fsdp\*tensor = 1 \(or set one axis to -1\)$"):
+        train_sft(load_config(None, base + ["mesh.data=2", "sft.steps=1"]), recs)
+    with pytest.raises(ShardingError, match=r"^mesh data=-1 x fsdp=1 x tensor=2: the fixed axes need a multiple of 2 devices"):
+        GRPOTrainer(load_config(None, base + ["mesh.tensor=2", "rl.rewards=[{name: length_penalty}]"]),
+                    records=[{"prompt": "hi"}])
+    with pytest.raises(ConfigError, match=r"mesh.fsdp: must be a positive number of devices or -1"):
+        load_config(None, ["mesh.fsdp=0"])
+    with pytest.raises(ConfigError, match=r"mesh: only one of data, fsdp, tensor may be -1"):
+        load_config(None, ["mesh.fsdp=-1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'mesh.model'"):
+        load_config(None, ["mesh.model=2"])
+
+
+def test_mesh_errors_on_8_devices(trainer_runs):
+    e = trainer_runs["mesh"]["errors"]
+    assert e["size"] == ("mesh data=3 x fsdp=1 x tensor=2 = 6 devices, but 8 devices are available; "
+                         "make data*fsdp*tensor = 8 (or set one axis to -1)")
+    assert e["heads"] == ("num_attention_heads=4 is not divisible by the mesh 'tensor' axis (8); "
+                          "set mesh.tensor to one of [1, 2, 4] (divisors of num_attention_heads)")
+    assert e["sft_batch"] == "sft.batch_size=6 rows cannot be split over mesh data*fsdp = 4 devices; use a multiple of 4"
+    assert e["rl_minibatch"].startswith("rl.minibatch_size=6 completions per update cannot be split over mesh "
+                                        "data*fsdp = 4 devices; use a multiple of 4")
+
+
+def test_two_processes_train_checkpoint_resume_and_agree(tmp_path):
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, PYTHON=sys.executable)
+    cmd = ["bash", os.path.join(ROOT, "launch", "multihost_local.sh"), "-n", "2", "-d", "4", "-t", "280", "--",
+           sys.executable, "-m", "tests.multihost_trainer_worker", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r0, r1 = sorted(_results(proc.stdout), key=lambda r: r["process_index"])
+    assert (r0["process_index"], r1["process_index"]) == (0, 1)
+    for r in (r0, r1):
+        assert r["method"] == "env" and r["process_count"] == 2 and r["global_devices"] == 8
+        g, s = r["grpo"], r["sft"]
+        # GRPO: SIGTERM after step 1 stopped both processes there; the resumed run equals the straight one
+        assert g["straight_steps"] == 2 and g["first"] == [True, 1] and g["resumed"] == [1, 2]
+        assert g["checkpoints_b"] == ["1", "2"]
+        assert g["metrics_a"] == g["metrics_b"] and len(g["metrics_a"]) == 2
+        assert g["export_a"] == g["export_b"]
+        assert g["metrics_a"][0]["advantage_std"] > 0.5 and g["metrics_a"][1]["kl"] > 0
+        # SFT through `cada sft`: 2 steps, then resumed to 3, equals 3 straight steps
+        assert s["rc"] == [0, 0, 0]
+        assert s["checkpoints_b"] == ["1", "2", "3"]
+        assert s["metrics_a"] == s["metrics_b"] and len(s["metrics_a"]) == 3
+        assert s["export_a"] == s["export_b"]
+    # each process loads its own half of every SFT batch ...
+    assert r0["sft"]["data_shard"] == [0, 2] and r1["sft"]["data_shard"] == [1, 2]
+    # ... and both see the same run (process 0 wrote it)
+    assert r0["grpo"] == r1["grpo"] and r0["sft"]["metrics_a"] == r1["sft"]["metrics_a"]
+    # only process 0 prints the CLI's summary line
+    summaries = [line for line in proc.stdout.splitlines() if '"run_dir":' in line and "RESULT" not in line]
+    assert len(summaries) == 3 and all(line.startswith("[0] {") for line in summaries)
