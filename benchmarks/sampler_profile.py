@@ -15,6 +15,7 @@ import glob
 import gzip
 import json
 import re
+import sys
 import tempfile
 
 import jax
@@ -37,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--top", type=int, default=0, help="also list the N costliest ops (ms per step) on stderr")
     args = ap.parse_args(argv)
 
     from cada_jax.checkpoints.gguf_import import resolve_model
@@ -72,6 +74,7 @@ def main(argv=None):
     f = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))[-1]
     events = json.load(gzip.open(f))["traceEvents"]
     per = collections.Counter()
+    by_op = collections.Counter()
     for e in events:
         if e.get("ph") != "X" or "hlo_op" not in e.get("args", {}):
             continue
@@ -81,7 +84,10 @@ def main(argv=None):
         if op.startswith(("while", "call", "conditional")):
             continue  # containers: their children are counted
         per[classify(names.get(op, op))] += e["dur"] / 1000.0
+        by_op[(op.split(".")[0], names.get(op, op))] += e["dur"] / 1000.0
     steps = out.timings["decode_steps"]
+    for (op, name), ms in by_op.most_common(args.top):
+        print(f"{ms / steps:8.3f} ms  {classify(name):9s} {op:28s} {name[-90:]}", file=sys.stderr)
     result = {k: round(v / steps, 2) for k, v in per.items()}
     result["measured_ms_per_step"] = round(1000 * out.timings["decode_s"] / steps, 2)
     result["ops_total_ms_per_step"] = round(sum(per.values()) / steps, 2)
