@@ -282,10 +282,11 @@ class GenerateSection:
     max_new_tokens: int = _f(256, "longest chain, in tokens")
     temperature: float = _f(0.8, "sampling temperature of self-generation")
     top_p: float = _f(0.95, "nucleus sampling mass of self-generation")
-    judge: str = _f("rule", "judge that filters chains: rule | llm | http (see cada_jax.rewards.judges)")
+    judge: Literal["rule", "llm", "http"] = _f("rule", "judge that filters chains: rule | llm | http (settings in the judge section)")
     batch_size: int = _f(32, "requests per sampler call")
     seed: int = _f(0, "sampling seed")
     scaffold: bool = _f(False, "write the <reasoning>/<answer> tags around the model's own text (for small models that do not follow the format)")
+    fallback: Literal["none", "precedent"] = _f("none", "precedent: a harmful request with no passing chain gets its nearest refusing precedent's chain (for small models that rarely refuse)")
 
     def __post_init__(self):
         _check(self.n >= 1, "generate.n", f"must be >= 1, got {self.n}")
@@ -295,12 +296,34 @@ class GenerateSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class JudgeSection:
+    model: str = _f("", "llm: judge model directory ('' = the model being trained/evaluated); http: the served model name")
+    url: str = _f("", "http: base URL of an OpenAI-compatible server, e.g. https://api.example.com/v1")
+    api_key_env: str = _f("CADA_JUDGE_API_KEY", "http: environment variable holding the API key (never put keys in configs)")
+    max_concurrency: int = _f(8, "http: requests in flight at once")
+    timeout_s: float = _f(60.0, "http: seconds per request before a retry")
+    max_retries: int = _f(5, "http: retries with exponential backoff before a clear error")
+    cache_dir: str = _f("", "http: on-disk verdict cache ('' = ~/.cache/cada_jax/judge)")
+    max_new_tokens: int = _f(160, "llm: tokens per rubric reply")
+    batch_size: int = _f(16, "llm: conversations per sampler call")
+
+    def __post_init__(self):
+        _check(self.max_concurrency >= 1, "judge.max_concurrency", f"must be >= 1, got {self.max_concurrency}")
+        _check(self.timeout_s > 0, "judge.timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+        _check(self.max_retries >= 0, "judge.max_retries", f"must be >= 0, got {self.max_retries}")
+        _check(self.max_new_tokens >= 1, "judge.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.batch_size >= 1, "judge.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(not self.url or self.url.startswith(("http://", "https://")), "judge.url",
+               f"must start with http:// or https://, got {self.url!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSection:
     suite: str = _f("builtin", "evaluation suite: builtin (held-out harmful/benign/look-alike test sets) or a loader name with eval.data")
     data: str = _f("", "local file for a loader suite (strongreject, xstest, ...)")
     limit: int = _f(0, "first N prompts of each set; 0 = all")
     attacks: tuple[str, ...] = _f(("none",), "jailbreak transforms applied to harmful prompts (cada_jax.data.attacks)")
-    judge: str = _f("rule", "judge of the final answers: rule | llm | http")
+    judge: Literal["rule", "llm", "http"] = _f("rule", "judge of the final answers: rule | llm | http (settings in the judge section)")
     max_new_tokens: int = _f(256, "longest completion during evaluation")
     batch_size: int = _f(32, "prompts per sampler call")
 
@@ -314,6 +337,7 @@ class PipelineSection:
     stages: tuple[str, ...] = _f(("generate", "sft", "rl", "eval"), "stages to run, in order, from: generate, sft, rl, eval")
     eval_before: bool = _f(True, "also evaluate the starting model, for the before/after table")
     rl_data: str = _f("", "JSONL of RL requests {prompt, label}; empty = the same requests as generation")
+    rl_lr: float = _f(0.0, "peak learning rate of the RL stage; 0 = optim.lr (which the SFT stage uses)")
 
     def __post_init__(self):
         allowed = ("generate", "sft", "rl", "eval")
@@ -322,6 +346,7 @@ class PipelineSection:
         order = [allowed.index(st) for st in self.stages]
         _check(order == sorted(order) and len(set(order)) == len(order), "pipeline.stages",
                f"stages must be distinct and in the order {', '.join(allowed)}, got {list(self.stages)}")
+        _check(self.rl_lr >= 0, "pipeline.rl_lr", f"must be >= 0 (0 = optim.lr), got {self.rl_lr}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +360,7 @@ class Config:
     sft: SFTSection = _f(SFTSection, "supervised fine-tuning (context distillation)")
     rl: RLSection = _f(RLSection, "reinforcement learning (GRPO family)")
     generate: GenerateSection = _f(GenerateSection, "CADA stage 1: self-generated reasoning chains, judge-filtered")
+    judge: JudgeSection = _f(JudgeSection, "settings of the llm / http judges named by generate.judge and eval.judge")
     eval: EvalSection = _f(EvalSection, "safety evaluation of the pipeline's models")
     pipeline: PipelineSection = _f(PipelineSection, "which stages `cada pipeline` runs")
 

@@ -84,6 +84,7 @@ def generate_chains(
     model_name: str = "",
     progress: bool = True,
     scaffold: bool = False,
+    fallback: str = "none",
 ) -> dict:
     """Sample `n` chains per record under `variant`, keep the best passing one, write JSONL.
 
@@ -93,10 +94,19 @@ def generate_chains(
     the model's own; small models that do not follow the format unprompted (SmolLM2-135M) get
     well-formed chains to distil, and after SFT they write the tags themselves.
 
+    `fallback="precedent"`: a harmful request for which none of the `n` chains passes gets the
+    nearest refusing precedent of its category instead (its reasoning, cited as a precedent, and
+    its answer; the record says `"source": "precedent"`). Small models that almost never refuse on
+    their own (SmolLM2-135M) then still see the refusals they are meant to learn; benign requests
+    never fall back (a precedent's answer answers a different question). Default `"none"`: only
+    the model's own chains are kept.
+
     Returns a summary: counts, pass rates per label, and the output path.
     """
     if variant not in VARIANTS:
         raise GenerateError(f"variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}")
+    if fallback not in FALLBACKS:
+        raise GenerateError(f"fallback {fallback!r} is unknown; use one of {', '.join(FALLBACKS)}")
     records = check_records(records)
     spec = spec or default_spec()
     judge = judge or make_judge("rule")
@@ -104,6 +114,7 @@ def generate_chains(
     sp = dataclasses.replace(sp, n=n)
     t0 = time.perf_counter()
     kept, stats = [], {"harmful": [0, 0], "benign": [0, 0]}  # [prompts, kept]
+    from_precedent = 0
     sample_pass = []
     bar = None
     if progress:
@@ -127,6 +138,13 @@ def generate_chains(
             passing = [j for j in rows if scores[j].passed]
             sample_pass.extend(scores[j].passed for j in rows)
             if not passing:
+                if fallback == "precedent" and r["label"] == "harmful":
+                    row = precedent_chain(r, spec, judge)
+                    if row is not None:
+                        stats["harmful"][1] += 1
+                        from_precedent += 1
+                        kept.append(dict(row, id=r.get("id", f"r{start + i}"), n_samples=n, variant=variant,
+                                         scaffold=scaffold, model=model_name, seed=sp.seed))
                 continue
             # best = highest score; ties go to the shorter chain, then the earlier sample
             best = min(passing, key=lambda j: (-scores[j].total, lengths[j], j))
@@ -146,6 +164,7 @@ def generate_chains(
                 "n_passing": len(passing),
                 "variant": variant,
                 "scaffold": scaffold,
+                "source": "model",
                 "model": model_name,
                 "seed": sp.seed,
             })
@@ -162,6 +181,7 @@ def generate_chains(
         "sample_pass_rate": (sum(sample_pass) / len(sample_pass)) if sample_pass else 0.0,
         "kept_harmful": stats["harmful"][1],
         "kept_benign": stats["benign"][1],
+        "kept_from_precedent": from_precedent,
         "prompts_harmful": stats["harmful"][0],
         "prompts_benign": stats["benign"][0],
         "seconds": round(time.perf_counter() - t0, 2),
@@ -171,6 +191,45 @@ def generate_chains(
         summary["path"] = out_path
     summary["records"] = kept
     return summary
+
+
+FALLBACKS = ("none", "precedent")
+
+
+def precedent_chain(record: dict, spec: Spec, judge) -> dict | None:
+    """A chain for a harmful `record` taken from its nearest refusing precedent, or None.
+
+    The precedent is the first refusing case of the record's category (or, with no category, the
+    most similar refusing case) under the usual retrieval order. Its reasoning is quoted as a
+    precedent and its answer is reused; the judge must still see a refusal in that answer.
+    """
+    from cada_jax.cada.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
+    from cada_jax.cada.spec import retrieve
+
+    refusing = [c for c in spec.cases if c.verdict == "refuse" and c.answer]
+    if not refusing:
+        return None
+    category = record.get("category")
+    case = retrieve(record["prompt"], refusing, k=1, category=category if category in {c.category for c in refusing} else None)[0]
+    reasoning = (f"This request is like precedent {case.id} (\"{case.request}\"): {case.reasoning} "
+                 f"The same codes apply here, so I decline.")
+    text = f"{REASONING_OPEN}\n{reasoning}\n{REASONING_CLOSE}\n{ANSWER_OPEN}\n{case.answer}\n{ANSWER_CLOSE}"
+    score = score_chains([record["prompt"]], [text], ["harmful"], judge)[0]
+    if not score.passed:
+        return None
+    return {
+        "prompt": record["prompt"],
+        "category": category,
+        "label": "harmful",
+        "prompt_messages": build_plain_messages(record["prompt"]),
+        "completion": text,
+        "reasoning": reasoning,
+        "answer": case.answer,
+        "scores": dataclasses.asdict(score),
+        "n_passing": 0,
+        "source": "precedent",
+        "precedent": case.id,
+    }
 
 
 def _scaffolded(params, sampler: Sampler, conversations, sp: SamplingParams) -> tuple[list[str], list[int]]:

@@ -94,16 +94,46 @@ class _Model:
         self.sampler = Sampler(self.cfg, self.tokenizer, max_seq_len=min(cfg.model.max_seq_len, self.cfg.max_position_embeddings))
 
 
+def check_judges(cfg: Config) -> None:
+    """Fail before any model loads when a configured judge cannot be built."""
+    used = {cfg.generate.judge} if "generate" in cfg.pipeline.stages else set()
+    if "eval" in cfg.pipeline.stages:
+        used.add(cfg.eval.judge)
+    if "http" in used:
+        if not cfg.judge.url or not cfg.judge.model:
+            raise PipelineError("an http judge needs judge.url (an OpenAI-compatible base URL) and judge.model (the served model name)")
+        if not os.environ.get(cfg.judge.api_key_env, "").strip():
+            raise PipelineError(f"the http judge reads its API key from ${cfg.judge.api_key_env}, which is not set; export it (keys never go in configs)")
+
+
+def judge_from_config(cfg: Config, name: str, model_dir: str):
+    """The judge `name` (rule | llm | http) with the settings of the `judge` section."""
+    from cada_jax.rewards.judges import make_judge
+
+    j = cfg.judge
+    if name == "http":
+        from cada_jax.rewards.http_judge import DEFAULT_CACHE_DIR
+
+        return make_judge("http", base_url=j.url, model=j.model, api_key_env=j.api_key_env,
+                          max_concurrency=j.max_concurrency, timeout_s=j.timeout_s, max_retries=j.max_retries,
+                          cache_dir=j.cache_dir or DEFAULT_CACHE_DIR)
+    if name == "llm":
+        from cada_jax.eval.runner import local_llm_judge
+
+        return local_llm_judge(j.model or model_dir, batch_size=j.batch_size, max_new_tokens=j.max_new_tokens,
+                               dtype=cfg.model.dtype)
+    return make_judge(name)
+
+
 def _evaluate(cfg: Config, model: _Model, out_dir: str, tag: str) -> dict:
     from cada_jax.eval.runner import evaluate, load_suite
-    from cada_jax.rewards.judges import make_judge
     from cada_jax.sampling import SamplingParams
 
     e = cfg.eval
     records = load_suite(e.suite, e.data or None, limit=e.limit or None)
     sp = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=0.0)
     return evaluate(model.params, model.cfg, model.tokenizer, records, variant="none", attacks=tuple(e.attacks),
-                    judge=make_judge(e.judge), sampling=sp, batch_size=e.batch_size, out_dir=out_dir,
+                    judge=judge_from_config(cfg, e.judge, model.dir), sampling=sp, batch_size=e.batch_size, out_dir=out_dir,
                     sampler=model.sampler, tag=tag, model_name=model.dir, seed=cfg.run.seed)
 
 
@@ -162,6 +192,7 @@ def run_pipeline(cfg: Config) -> dict:
     """Run (or resume) the configured stages; returns a summary with the before/after numbers."""
     from cada_jax.checkpoints.gguf_import import resolve_model
 
+    check_judges(cfg)
     run_dir = os.path.abspath(cfg.run.dir)
     os.makedirs(run_dir, exist_ok=True)
     dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
@@ -195,7 +226,6 @@ def run_pipeline(cfg: Config) -> dict:
     requests = None
     if "generate" in stages and "generate" not in done:
         from cada_jax.cada.generate import generate_chains
-        from cada_jax.rewards.judges import make_judge
         from cada_jax.sampling import SamplingParams
 
         g = cfg.generate
@@ -204,8 +234,9 @@ def run_pipeline(cfg: Config) -> dict:
         m = model(base_dir)
         sp = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed)
         summary = generate_chains(m.params, m.sampler, requests, variant=g.variant, n=g.n, sampling=sp,
-                                  judge=make_judge(g.judge), k=g.k_cases, batch_size=g.batch_size, out_path=chains,
-                                  model_name=m.dir, progress=cfg.run.progress, scaffold=g.scaffold)
+                                  judge=judge_from_config(cfg, g.judge, m.dir), k=g.k_cases, batch_size=g.batch_size, out_path=chains,
+                                  model_name=m.dir, progress=cfg.run.progress, scaffold=g.scaffold,
+                                  fallback=g.fallback)
         summary.pop("records")
         with open(os.path.join(run_dir, "generate", "stats.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -262,6 +293,7 @@ def run_pipeline(cfg: Config) -> dict:
             cfg,
             run=dataclasses.replace(cfg.run, out_dir=run_dir, name="rl"),
             model=dataclasses.replace(cfg.model, path=current),
+            optim=dataclasses.replace(cfg.optim, lr=cfg.pipeline.rl_lr) if cfg.pipeline.rl_lr else cfg.optim,
             rl=rl,
         )
         info = train_grpo(sub, records=records)
