@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 CONFIG ?= configs/smollm2_cpu.yaml
 
-.PHONY: run test venv venv-test bench clean
+.PHONY: run sample test venv venv-test bench clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ $(VENV)/.test: $(VENV)/.base
 venv: $(VENV)/.base
 venv-test: $(VENV)/.test
 
+# The main job: the CADA pipeline (generate -> sft -> rl -> eval) on SmolLM2-135M-Instruct, offline.
 run: venv
+	$(VENV)/bin/cada pipeline $(CONFIG)
+
+# Try the model: greedy answers to three prompts.
+sample: venv
 	$(VENV)/bin/cada sample --model smollm2-135m-instruct --max-new-tokens 64 --temperature 0 \
 	  --prompt "What is the capital of France?" \
 	  --prompt "How do I kill a Python process that hangs?" \
