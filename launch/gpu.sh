@@ -8,7 +8,7 @@
 # in the environment (or under SLURM, where JAX finds these itself); they are passed through.
 #
 # Examples:
-#   launch/gpu.sh -- cada pipeline --config configs/llama3_8b.yaml
+#   launch/gpu.sh -- cada pipeline configs/llama3_8b_tpu.yaml
 #   launch/gpu.sh --no-install -- python -m pytest -q tests/test_sharding.py
 set -euo pipefail
 

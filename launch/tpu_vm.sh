@@ -7,9 +7,9 @@
 #
 # Examples:
 #   launch/tpu_vm.sh up  --name cada-v5e --zone us-west4-a --accelerator v5litepod-8
-#   launch/tpu_vm.sh run --name cada-v5e --zone us-west4-a -- pipeline --config configs/llama3_8b.yaml
+#   launch/tpu_vm.sh run --name cada-v5e --zone us-west4-a -- pipeline configs/llama3_8b_tpu.yaml
 #   launch/tpu_vm.sh delete --name cada-v5e --zone us-west4-a
-#   launch/tpu_vm.sh all --name cada-v5p --zone us-east5-a --accelerator v5p-64 --spot -- rl --config c.yaml
+#   launch/tpu_vm.sh all --name cada-v5p --zone us-east5-a --accelerator v5p-64 --spot -- rl c.yaml
 #   launch/tpu_vm.sh --dry-run all --name t --zone us-central2-b --accelerator v4-8 -- --help   # print only
 set -euo pipefail
 
@@ -82,7 +82,7 @@ done
 [[ -n "$name" ]] || die "--name is required (the TPU VM name)"
 [[ -n "$zone" ]] || die "--zone is required, e.g. --zone us-west4-a"
 if [[ "$cmd" == run || "$cmd" == ssh ]] && [[ ${#cada_args[@]} -eq 0 ]]; then
-  die "'$cmd' needs the command after --, e.g. -- pipeline --config configs/x.yaml"
+  die "'$cmd' needs the command after --, e.g. -- pipeline configs/x.yaml"
 fi
 
 if [[ -z "$version" ]]; then
