@@ -287,6 +287,7 @@ class GenerateSection:
     seed: int = _f(0, "sampling seed")
     scaffold: bool = _f(False, "write the <reasoning>/<answer> tags around the model's own text (for small models that do not follow the format)")
     fallback: Literal["none", "precedent"] = _f("none", "precedent: a harmful request with no passing chain gets its nearest refusing precedent's chain (for small models that rarely refuse)")
+    cite_precedent: bool = _f(False, "with scaffold and variant cases: open each reasoning with the closest retrieved precedent whose verdict fits the request's label (the model writes the rest)")
 
     def __post_init__(self):
         _check(self.n >= 1, "generate.n", f"must be >= 1, got {self.n}")

@@ -105,6 +105,57 @@ def test_precedent_fallback_chain():
     assert spec.case(row["precedent"]).verdict == "refuse"
 
 
+def test_precedent_opening_fits_the_label():
+    from cada_jax.cada.generate import precedent_opening
+    from cada_jax.cada.spec import default_spec
+
+    spec = default_spec()
+    harmful = precedent_opening({"prompt": "How do I make a pipe bomb?", "label": "harmful", "category": "cbrne"}, spec)
+    lookalike = precedent_opening({"prompt": "How do I kill a Python process that hangs?", "label": "benign"}, spec)
+    for text, verdicts in ((harmful, ("refuse",)), (lookalike, ("comply", "safe_complete"))):
+        case_id = text.split("The closest precedent is ")[1].split(":")[0]
+        case = spec.case(case_id)
+        assert case.verdict in verdicts and case.request in text
+    assert "verdict there was refuse" in harmful
+
+
+def test_scaffold_writes_the_opening_and_keeps_it():
+    """_scaffolded with openings: the opening sits after <reasoning> in the prompt of both phases
+    and starts the kept reasoning; the model's own text follows it."""
+    import types
+
+    from cada_jax.cada.format import parse_output
+    from cada_jax.cada.generate import _scaffolded
+    from cada_jax.sampling import SamplingParams
+
+    seen = []
+
+    class Tok:
+        def apply_chat_template(self, conv):
+            return "<chat>" + conv[-1]["content"] + "</chat>"
+
+        def encode(self, text):
+            seen.append(text)
+            return [len(seen)]
+
+    class FakeSampler:
+        tokenizer = Tok()
+
+        def generate(self, params, prompts, sp, prompt_ids=None):
+            phase = "answer" if sp.n == 1 and len(prompt_ids) == 4 else "think"
+            texts = [f"model {phase} {i}" for i in range(len(prompt_ids) * sp.n)]
+            return types.SimpleNamespace(texts=texts, completion_ids=[[1, 2]] * len(texts))
+
+    convs = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    texts, lengths = _scaffolded(None, FakeSampler(), convs, SamplingParams(max_new_tokens=12, n=2),
+                                 openings=["The closest precedent is X-1.", ""])
+    assert seen[0].endswith("<reasoning>\nThe closest precedent is X-1. ") and seen[1].endswith("<reasoning>\n")
+    assert "The closest precedent is X-1. model think 0\n</reasoning>\n<answer>\n" in seen[2]
+    first, third = parse_output(texts[0]), parse_output(texts[2])
+    assert first.reasoning == "The closest precedent is X-1. model think 0" and first.answer == "model answer 0"
+    assert third.reasoning == "model think 2" and lengths == [4, 4, 4, 4]
+
+
 def test_pipeline_bad_inputs(tiny_long_dir, tmp_path):
     with pytest.raises(GenerateError, match="record 0.*label"):
         check_records([{"prompt": "hi", "label": "maybe"}])

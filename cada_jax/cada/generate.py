@@ -85,6 +85,7 @@ def generate_chains(
     progress: bool = True,
     scaffold: bool = False,
     fallback: str = "none",
+    cite_precedent: bool = False,
 ) -> dict:
     """Sample `n` chains per record under `variant`, keep the best passing one, write JSONL.
 
@@ -93,6 +94,12 @@ def generate_chains(
     the answer is then sampled after `</reasoning><answer>`. Every word inside the tags is still
     the model's own; small models that do not follow the format unprompted (SmolLM2-135M) get
     well-formed chains to distil, and after SFT they write the tags themselves.
+
+    `cite_precedent=True` (with `scaffold` and the `cases` variant) opens every reasoning with one
+    sentence naming the closest retrieved precedent whose verdict fits the request's label, as a
+    hint in the manner of STaR's rationalisation; the model writes the rest. Every kept chain then
+    reasons from a precedent the same way, refusals and compliances alike, so a small model learns
+    to decide by the case it recalls rather than by the shape of the chain.
 
     `fallback="precedent"`: a harmful request for which none of the `n` chains passes gets the
     nearest refusing precedent of its category instead (its reasoning, cited as a precedent, and
@@ -107,6 +114,8 @@ def generate_chains(
         raise GenerateError(f"variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}")
     if fallback not in FALLBACKS:
         raise GenerateError(f"fallback {fallback!r} is unknown; use one of {', '.join(FALLBACKS)}")
+    if cite_precedent and not (scaffold and variant == "cases"):
+        raise GenerateError("cite_precedent needs scaffold=true and variant=cases (the opening is written by the scaffold from the retrieved cases)")
     records = check_records(records)
     spec = spec or default_spec()
     judge = judge or make_judge("rule")
@@ -125,7 +134,9 @@ def generate_chains(
         chunk = records[start : start + batch_size]
         conversations = [build_messages(r["prompt"], variant, spec=spec, k=k, category=r.get("category")) for r in chunk]
         if scaffold:
-            texts, lengths = _scaffolded(params, sampler, conversations, dataclasses.replace(sp, seed=sp.seed + start))
+            openings = [precedent_opening(r, spec, k) for r in chunk] if cite_precedent else None
+            texts, lengths = _scaffolded(params, sampler, conversations, dataclasses.replace(sp, seed=sp.seed + start),
+                                         openings=openings)
         else:
             out = sampler.generate(params, conversations, dataclasses.replace(sp, seed=sp.seed + start))
             texts, lengths = out.texts, [len(c) for c in out.completion_ids]
@@ -139,7 +150,7 @@ def generate_chains(
             sample_pass.extend(scores[j].passed for j in rows)
             if not passing:
                 if fallback == "precedent" and r["label"] == "harmful":
-                    row = precedent_chain(r, spec, judge)
+                    row = precedent_chain(r, spec, judge, k=k)
                     if row is not None:
                         stats["harmful"][1] += 1
                         from_precedent += 1
@@ -196,23 +207,50 @@ def generate_chains(
 FALLBACKS = ("none", "precedent")
 
 
-def precedent_chain(record: dict, spec: Spec, judge) -> dict | None:
+def _fitting_case(record: dict, cases, k: int, *, need_answer: bool = False):
+    """The first case, in retrieval order, whose verdict fits the record's label (refuse for
+    harmful, comply / safe completion for benign): among the k shown first, else among all."""
+    from cada_jax.cada.spec import CATEGORIES, retrieve
+
+    want_refuse = record["label"] == "harmful"
+    fits = [c for c in cases if (c.verdict == "refuse") == want_refuse and (c.answer or not need_answer)]
+    if not fits:
+        return None
+    category = record.get("category") if record.get("category") in CATEGORIES else None
+    shown = retrieve(record["prompt"], list(cases), k=k, category=category)
+    for c in shown:
+        if c in fits:
+            return c
+    return retrieve(record["prompt"], fits, k=1, category=category)[0]
+
+
+def _opening(case) -> str:
+    verdict = {"refuse": "refuse", "comply": "comply", "safe_complete": "a safe completion"}.get(case.verdict, case.verdict)
+    return f"The closest precedent is {case.id}: \"{case.request}\" The verdict there was {verdict}."
+
+
+def precedent_opening(record: dict, spec: Spec, k: int = 3) -> str:
+    """The reasoning's first sentence under `cite_precedent`: the closest fitting precedent."""
+    case = _fitting_case(record, spec.cases, k)
+    return _opening(case) if case is not None else ""
+
+
+def precedent_chain(record: dict, spec: Spec, judge, k: int = 3) -> dict | None:
     """A chain for a harmful `record` taken from its nearest refusing precedent, or None.
 
-    The precedent is the first refusing case of the record's category (or, with no category, the
-    most similar refusing case) under the usual retrieval order. Its reasoning is quoted as a
-    precedent and its answer is reused; the judge must still see a refusal in that answer.
+    The precedent is the first refusing case (with an answer) in the usual retrieval order for the
+    record. The chain opens like a `cite_precedent` chain, gives the case's reasoning and reuses
+    its answer; the judge must still see a refusal in that answer.
     """
     from cada_jax.cada.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
-    from cada_jax.cada.spec import retrieve
 
-    refusing = [c for c in spec.cases if c.verdict == "refuse" and c.answer]
-    if not refusing:
+    if record.get("label") != "harmful":
+        return None
+    case = _fitting_case(record, spec.cases, k, need_answer=True)
+    if case is None:
         return None
     category = record.get("category")
-    case = retrieve(record["prompt"], refusing, k=1, category=category if category in {c.category for c in refusing} else None)[0]
-    reasoning = (f"This request is like precedent {case.id} (\"{case.request}\"): {case.reasoning} "
-                 f"The same codes apply here, so I decline.")
+    reasoning = f"{_opening(case)} {case.reasoning} The same applies to this request."
     text = f"{REASONING_OPEN}\n{reasoning}\n{REASONING_CLOSE}\n{ANSWER_OPEN}\n{case.answer}\n{ANSWER_CLOSE}"
     score = score_chains([record["prompt"]], [text], ["harmful"], judge)[0]
     if not score.passed:
@@ -232,12 +270,16 @@ def precedent_chain(record: dict, spec: Spec, judge) -> dict | None:
     }
 
 
-def _scaffolded(params, sampler: Sampler, conversations, sp: SamplingParams) -> tuple[list[str], list[int]]:
-    """Two-phase sampling with the format's tags written around the model's own text."""
+def _scaffolded(params, sampler: Sampler, conversations, sp: SamplingParams, openings=None) -> tuple[list[str], list[int]]:
+    """Two-phase sampling with the format's tags written around the model's own text.
+
+    `openings[i]` (optional) is written after the opening tag of conversation i's reasoning; the
+    model continues from it, and it stays part of the kept reasoning."""
     from cada_jax.cada.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
 
     tok = sampler.tokenizer
-    heads = [tok.apply_chat_template(c) + REASONING_OPEN + "\n" for c in conversations]
+    openings = openings or [""] * len(conversations)
+    heads = [tok.apply_chat_template(c) + REASONING_OPEN + "\n" + (o + " " if o else "") for c, o in zip(conversations, openings)]
     budget = sp.max_new_tokens
     think = max(1, (2 * budget) // 3)
     first = sampler.generate(params, None, dataclasses.replace(sp, max_new_tokens=think, stop_strings=(REASONING_CLOSE, ANSWER_OPEN)),
@@ -247,6 +289,8 @@ def _scaffolded(params, sampler: Sampler, conversations, sp: SamplingParams) -> 
     for i, reasoning in enumerate(reasonings):
         head = heads[i // sp.n]
         seconds.append(tok.encode(f"{head}{reasoning}\n{REASONING_CLOSE}\n{ANSWER_OPEN}\n"))
+        opening = openings[i // sp.n]
+        reasonings[i] = f"{opening} {reasoning}".strip() if opening else reasoning
     second = sampler.generate(params, None, dataclasses.replace(sp, n=1, max_new_tokens=max(1, budget - think), stop_strings=(ANSWER_CLOSE,), seed=sp.seed + 7919),
                               prompt_ids=seconds)
     texts, lengths = [], []

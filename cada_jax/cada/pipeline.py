@@ -236,7 +236,7 @@ def run_pipeline(cfg: Config) -> dict:
         summary = generate_chains(m.params, m.sampler, requests, variant=g.variant, n=g.n, sampling=sp,
                                   judge=judge_from_config(cfg, g.judge, m.dir), k=g.k_cases, batch_size=g.batch_size, out_path=chains,
                                   model_name=m.dir, progress=cfg.run.progress, scaffold=g.scaffold,
-                                  fallback=g.fallback)
+                                  fallback=g.fallback, cite_precedent=g.cite_precedent)
         summary.pop("records")
         with open(os.path.join(run_dir, "generate", "stats.json"), "w") as f:
             json.dump(summary, f, indent=2)
