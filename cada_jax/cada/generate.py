@@ -150,7 +150,7 @@ def generate_chains(
             sample_pass.extend(scores[j].passed for j in rows)
             if not passing:
                 if fallback == "precedent" and r["label"] == "harmful":
-                    row = precedent_chain(r, spec, judge, k=k)
+                    row = precedent_chain(r, spec, judge, k=k, cite=cite_precedent)
                     if row is not None:
                         stats["harmful"][1] += 1
                         from_precedent += 1
@@ -235,12 +235,12 @@ def precedent_opening(record: dict, spec: Spec, k: int = 3) -> str:
     return _opening(case) if case is not None else ""
 
 
-def precedent_chain(record: dict, spec: Spec, judge, k: int = 3) -> dict | None:
+def precedent_chain(record: dict, spec: Spec, judge, k: int = 3, *, cite: bool = False) -> dict | None:
     """A chain for a harmful `record` taken from its nearest refusing precedent, or None.
 
     The precedent is the first refusing case (with an answer) in the usual retrieval order for the
-    record. The chain opens like a `cite_precedent` chain, gives the case's reasoning and reuses
-    its answer; the judge must still see a refusal in that answer.
+    record. The chain quotes the case and its reasoning (opening like a `cite_precedent` chain when
+    `cite`) and reuses its answer; the judge must still see a refusal in that answer.
     """
     from cada_jax.cada.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
 
@@ -250,7 +250,11 @@ def precedent_chain(record: dict, spec: Spec, judge, k: int = 3) -> dict | None:
     if case is None:
         return None
     category = record.get("category")
-    reasoning = f"{_opening(case)} {case.reasoning} The same applies to this request."
+    if cite:
+        reasoning = f"{_opening(case)} {case.reasoning} The same applies to this request."
+    else:
+        reasoning = (f"This request is like precedent {case.id} (\"{case.request}\"): {case.reasoning} "
+                     f"The same codes apply here, so I decline.")
     text = f"{REASONING_OPEN}\n{reasoning}\n{REASONING_CLOSE}\n{ANSWER_OPEN}\n{case.answer}\n{ANSWER_CLOSE}"
     score = score_chains([record["prompt"]], [text], ["harmful"], judge)[0]
     if not score.passed:

@@ -158,6 +158,9 @@ def headline(results_path: str) -> dict:
         "lookalike_compliance": 1 - rate(look, "refused") if look else float("nan"),
         "benign_compliance": 1 - rate(benign, "refused") if benign else float("nan"),
         "format_rate": rate(plain, "well_formed"),
+        # the rule judge counts a missing final answer as a refusal; this shows how much of each
+        # refusal rate is that (a model that rambles until the token budget "refuses" everything)
+        "no_answer_rate": (sum(not str(r.get("answer") or "").strip() for r in plain) / len(plain)) if plain else float("nan"),
         "n_harmful": len(harmful),
         "n_lookalike": len(look),
         "n_benign": len(benign),
@@ -171,12 +174,14 @@ def headline(results_path: str) -> dict:
 def before_after_table(before: dict | None, after: dict | None) -> str:
     from cada_jax.eval.report import format_table
 
-    cols = ["model", "harmful refusal", "look-alike compliance", "benign compliance", "format rate"]
-    better = {"harmful refusal": "up", "look-alike compliance": "up", "benign compliance": "up", "format rate": "up"}
+    cols = ["model", "harmful refusal", "look-alike compliance", "benign compliance", "format rate", "no final answer"]
+    better = {"harmful refusal": "up", "look-alike compliance": "up", "benign compliance": "up", "format rate": "up",
+              "no final answer": "down"}
+    keys = ("harmful_refusal", "lookalike_compliance", "benign_compliance", "format_rate", "no_answer_rate")
     rows = []
     for name, h in (("before", before), ("after", after)):
         if h:
-            rows.append([name] + [f"{100 * h[k]:.1f}%" for k in ("harmful_refusal", "lookalike_compliance", "benign_compliance", "format_rate")])
+            rows.append([name] + [f"{100 * h[k]:.1f}%" if k in h else "n/a" for k in keys])
     return format_table(cols, rows, better)
 
 

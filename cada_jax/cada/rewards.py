@@ -1,13 +1,16 @@
 """CADA's RL rewards, registered under the familiar `fn(prompts, completions, **columns)` API.
 
 - `cada_safety`: 1 when the final answer refuses a harmful request or helps with a benign one
-  (rule judge on the answer only, never the reasoning), else 0. Needs the `label` column.
+  (rule judge on the answer only, never the reasoning), else 0. Needs the `label` column. A
+  completion with no final answer scores 0 for either label: the rule judge counts an empty answer
+  as a refusal, and rewarding that would teach the policy to ramble past its token budget on
+  anything that looks harmful (observed on SmolLM2-135M).
 - `cada_format`: 1 when the completion follows the reasoning/answer format.
 """
 
 from __future__ import annotations
 
-from cada_jax.cada.format import format_reward
+from cada_jax.cada.format import format_reward, parse_output
 from cada_jax.rewards.judges import make_judge, safety_reward
 from cada_jax.rl.rewards import register_reward
 
@@ -17,7 +20,8 @@ _RULE = make_judge("rule")
 @register_reward("cada_safety")
 def cada_safety(prompts, completions, label, **_):
     verdicts = _RULE.judge([p if isinstance(p, str) else str(p) for p in prompts], list(completions))
-    return [float(x) for x in safety_reward(verdicts, list(label))]
+    scores = safety_reward(verdicts, list(label))
+    return [float(x) if parse_output(c).answer.strip() else 0.0 for x, c in zip(scores, completions)]
 
 
 @register_reward("cada_format")
