@@ -37,16 +37,8 @@ import sys
 import tempfile
 import time
 
-PROMPTS = [
-    "Write a short story about a robot learning to paint.",
-    "Explain how a refrigerator works.",
-    "What are the benefits of regular exercise?",
-    "Describe the water cycle in simple terms.",
-    "Give me a recipe for a vegetable soup.",
-    "Why is the sky blue?",
-    "Summarize the plot of a heist movie you invent.",
-    "What should I pack for a week-long hiking trip?",
-]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.sampler import PROMPTS  # noqa: E402  (the same prompts as the sampler benchmark)
 
 
 def _records(n: int, target_id: int) -> list[dict]:
