@@ -1,6 +1,10 @@
 """One end-to-end GRPO step (sampling + reference log-probs + one update): cada_jax vs TRL GRPOTrainer.
 
-    python benchmarks/grpo_step.py [--steps 3] [--prompts 4] [--group 4] [--new-tokens 64] [--no-trl]
+    python benchmarks/grpo_step.py [--steps 3] [--prompts 4] [--group 4] [--new-tokens 64] [--no-trl] [--device cuda]
+
+--device cuda runs TRL on the GPU (use_cpu=False; cada_jax uses jax's default backend either way),
+synchronizes CUDA at the end of each TRL step and adds each engine's peak GPU memory to the JSON.
+Run it with XLA_PYTHON_CLIENT_PREALLOCATE=false so both fit on one GPU.
 
 SmolLM2-135M-Instruct (the bundled GGUF converted once, loaded from the same HF directory by both),
 CPU, float32, full fine-tuning with AdamW. Both sides use the same settings: 4 prompts x 4 samples,
@@ -100,6 +104,8 @@ def run_trl_interleaved(model_dir: str, args, target_id: int, out_dir: str, cada
             self._t = time.perf_counter()
 
         def on_step_end(self, args_, state, control, **kw):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t)
             shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(phases[-1].items()))
             print(f"trl step {len(self.times) - 1}: {self.times[-1]:.2f}s ({shown}) load {os.getloadavg()[0]:.2f}",
@@ -115,7 +121,7 @@ def run_trl_interleaved(model_dir: str, args, target_id: int, out_dir: str, cada
         num_generations=args.group, gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
         max_completion_length=args.new_tokens, generation_kwargs={"min_new_tokens": args.new_tokens},
         temperature=1.0, top_p=1.0, top_k=0, beta=0.04, loss_type="grpo", learning_rate=1e-6, weight_decay=0.0,
-        max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, use_cpu=True, bf16=False, fp16=False,
+        max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0, use_cpu=args.device == "cpu", bf16=False, fp16=False,
         gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=1, shuffle_dataset=False,
         disable_dropout=True, seed=0, model_init_kwargs={"dtype": torch.float32},
     )
@@ -126,6 +132,9 @@ def run_trl_interleaved(model_dir: str, args, target_id: int, out_dir: str, cada
     timed_phases = phases[1:]
     out = {"trl_step_s": statistics.median(timer.times[1:]), "trl_warmup_step_s": timer.times[0],
            "torch_threads": torch.get_num_threads()}
+    if args.device == "cuda":
+        out["trl_peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["gpu"] = torch.cuda.get_device_name(0)
     for k in sorted({k for p in timed_phases for k in p}):
         out[f"trl_{k}_s"] = statistics.median(p.get(k, 0.0) for p in timed_phases)
     return out, cada_rows
@@ -139,6 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL side")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where TRL runs (default cpu); cada_jax uses jax's default backend")
     args = ap.parse_args(argv)
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
@@ -169,6 +180,13 @@ def main(argv=None) -> int:
                   cada_tokens_per_step=rows[-1]["sampled_tokens"])
     if "trl_step_s" in result:
         result["ratio"] = result["trl_step_s"] / result["cada_step_s"]
+    if args.device == "cuda":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            result["cada_peak_gpu_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+        result.update(jax=jax.__version__, jax_backend=jax.default_backend())
     result.update(load_avg_before=load_before, load_avg_after=os.getloadavg()[0], cpus=os.cpu_count(),
                   prompts=args.prompts, group=args.group, new_tokens=args.new_tokens, steps=args.steps)
     keys = ["cada_step_s", "trl_step_s", "ratio", "cada_sampling_s", "cada_reference_s", "cada_update_s"]

@@ -1,6 +1,12 @@
 """Sampler throughput vs transformers `generate` (PyTorch CPU), same prompts and settings.
 
     python benchmarks/sampler.py --batch 16 --new-tokens 128
+    python benchmarks/sampler.py --batch 16 --new-tokens 128 --device cuda   # HF on the GPU too
+
+With --device cuda the transformers model and its inputs go to the GPU (jax uses its default
+backend either way), each timed `generate` ends with torch.cuda.synchronize(), the bandwidth for
+roofline_frac is measured on the GPU (torch sum over a 1 GiB f32 tensor) and the JSON adds each
+engine's peak GPU memory. Run it with XLA_PYTHON_CLIENT_PREALLOCATE=false so both fit.
 
 SmolLM2-135M-Instruct, f32 weights, temperature 1.0, no top-k/top-p, EOS ignored so every
 sequence makes exactly --new-tokens tokens. The two engines run alternately in one process after
@@ -41,6 +47,23 @@ def measure_bandwidth() -> float:
     return a.nbytes / best
 
 
+def measure_gpu_bandwidth() -> float:
+    import torch
+
+    a = torch.ones(1024 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+
+    def run():
+        a.sum()
+        torch.cuda.synchronize()
+
+    run()
+    best = min(_timed(run) for _ in range(5))
+    n = a.nbytes
+    del a
+    torch.cuda.empty_cache()
+    return n / best
+
+
 def _timed(fn):
     t = time.perf_counter()
     fn()
@@ -55,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers side")
     ap.add_argument("--cache-dtype", default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the transformers model runs (default cpu); cada_jax uses jax's default backend")
     args = ap.parse_args(argv)
 
     import jax
@@ -79,11 +104,11 @@ def main(argv=None):
     hf = hf_inputs = None
     if not args.no_hf:
         torch.set_num_threads(os.cpu_count() or 1)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(args.device)
         htok = transformers.AutoTokenizer.from_pretrained(model_dir)
         htok.padding_side = "left"
         texts = [htok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-        hf_inputs = htok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        hf_inputs = htok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
         gen_kw = dict(
             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, temperature=1.0,
             top_k=None, top_p=None, pad_token_id=htok.pad_token_id,
@@ -103,14 +128,18 @@ def main(argv=None):
             with torch.no_grad():
                 t = time.perf_counter()
                 o = hf.generate(**hf_inputs, **gen_kw)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
                 hf_times.append(time.perf_counter() - t)
             assert o.shape[1] - hf_inputs["input_ids"].shape[1] == args.new_tokens
 
+    # before the bandwidth probe, whose 1 GiB tensor would count in torch's peak
+    hf_peak = torch.cuda.max_memory_allocated() if args.device == "cuda" and hf is not None else None
     n_tok = args.batch * args.new_tokens
     cada_tok_s = n_tok / statistics.median(cada_times)
     hf_tok_s = n_tok / statistics.median(hf_times) if hf_times else None
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    bw = measure_bandwidth()
+    bw = measure_gpu_bandwidth() if args.device == "cuda" else measure_bandwidth()
     roof = args.batch * bw / weight_bytes
     result = {
         "batch": args.batch,
@@ -126,9 +155,18 @@ def main(argv=None):
         "compile_s": round(compile_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "runs": args.runs,
+        "device": args.device,
+        "jax_backend": jax.default_backend(),
         "jax": jax.__version__,
         "torch": torch.__version__,
     }
+    if args.device == "cuda":
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            result["cada_peak_gpu_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+        if hf_peak is not None:
+            result["hf_peak_gpu_mb"] = round(hf_peak / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name(0)
     print(json.dumps(result))
     return result
 
