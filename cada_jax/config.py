@@ -275,7 +275,7 @@ class RLSection:
 @dataclasses.dataclass(frozen=True)
 class GenerateSection:
     data: str = _f("", "JSONL of training requests {prompt, label: harmful|benign, category}; empty = the built-in train sets")
-    limit: int = _f(0, "use the first N requests of each built-in set (or of the file); 0 = all")
+    limit: int = _f(0, "N requests of each built-in set, taking its categories in turn (or the first N of the file); 0 = all")
     variant: Literal["none", "code", "simple", "cases"] = _f("cases", "what the model sees while it writes its chains: cases = statutes + precedents (CADA)")
     n: int = _f(4, "chains sampled per request; the best passing one is kept")
     k_cases: int = _f(3, "precedent cases retrieved per request (variant cases)")
@@ -288,12 +288,18 @@ class GenerateSection:
     scaffold: bool = _f(False, "write the <reasoning>/<answer> tags around the model's own text (for small models that do not follow the format)")
     fallback: Literal["none", "precedent"] = _f("none", "precedent: a harmful request with no passing chain gets its nearest refusing precedent's chain (for small models that rarely refuse)")
     cite_precedent: bool = _f(False, "with scaffold and variant cases: open each reasoning with the closest retrieved precedent whose verdict fits the request's label (the model writes the rest)")
+    reasoning: Literal["model", "precedent"] = _f("model", "model: the reasoning is sampled under the variant (CADA); precedent (variant cases, for models too small to reason over the spec): each chain reasons from its closest fitting precedent, harmful answers are its refusal, benign answers the model's own answer to the bare request")
 
     def __post_init__(self):
         _check(self.n >= 1, "generate.n", f"must be >= 1, got {self.n}")
         _check(self.limit >= 0, "generate.limit", f"must be >= 0 (0 = all), got {self.limit}")
         _check(self.batch_size >= 1, "generate.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.temperature > 0, "generate.temperature", f"must be > 0 (the chains are sampled), got {self.temperature}")
+        _check(self.reasoning == "model" or self.variant == "cases", "generate.reasoning",
+               f"precedent needs generate.variant=cases (the chains come from the precedents), got variant {self.variant!r}")
+        _check(self.reasoning == "model" or not (self.scaffold or self.fallback != "none" or self.cite_precedent), "generate.reasoning",
+               "precedent writes every chain from a precedent; scaffold, fallback and cite_precedent shape sampled reasoning "
+               "(reasoning=model) and do not apply: remove them")
 
 
 @dataclasses.dataclass(frozen=True)

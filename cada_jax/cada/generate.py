@@ -86,6 +86,7 @@ def generate_chains(
     scaffold: bool = False,
     fallback: str = "none",
     cite_precedent: bool = False,
+    reasoning: str = "model",
 ) -> dict:
     """Sample `n` chains per record under `variant`, keep the best passing one, write JSONL.
 
@@ -108,12 +109,27 @@ def generate_chains(
     never fall back (a precedent's answer answers a different question). Default `"none"`: only
     the model's own chains are kept.
 
+    `reasoning="precedent"` (variant `cases`) is case-grounded distillation for models too small to
+    reason over the spec at all: every chain's reasoning is its request's closest fitting precedent
+    (quoted with its reasoning, which cites the codes, and the verdict it implies). Harmful requests
+    cite their closest refusing case; look-alikes (benign records with a `resembles` field, as in the
+    built-in set) cite the most similar comply case and open with "This request is a safe one";
+    other benign requests get a short plain reasoning instead of an arbitrary case. A harmful
+    request's answer is that precedent's refusal; a benign request's answer is the model's own
+    answer to the bare request (no spec, no tags), `n` samples, the best one the judge passes. The
+    policy then learns to decide by the case it recalls, refuse or help, while its benign answers
+    stay its own. Default `"model"`: the reasoning is sampled from the model under `variant`.
+
     Returns a summary: counts, pass rates per label, and the output path.
     """
     if variant not in VARIANTS:
         raise GenerateError(f"variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}")
     if fallback not in FALLBACKS:
         raise GenerateError(f"fallback {fallback!r} is unknown; use one of {', '.join(FALLBACKS)}")
+    if reasoning not in REASONING_SOURCES:
+        raise GenerateError(f"reasoning {reasoning!r} is unknown; use one of {', '.join(REASONING_SOURCES)}")
+    if reasoning == "precedent" and variant != "cases":
+        raise GenerateError(f"reasoning=precedent takes its chains from the precedents, so it needs variant=cases (got {variant!r})")
     if cite_precedent and not (scaffold and variant == "cases"):
         raise GenerateError("cite_precedent needs scaffold=true and variant=cases (the opening is written by the scaffold from the retrieved cases)")
     records = check_records(records)
@@ -133,23 +149,30 @@ def generate_chains(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         conversations = [build_messages(r["prompt"], variant, spec=spec, k=k, category=r.get("category")) for r in chunk]
-        if scaffold:
+        if reasoning == "precedent":
+            texts, lengths, precedents = _precedent_grounded(params, sampler, chunk, spec, k,
+                                                             dataclasses.replace(sp, seed=sp.seed + start), cite=cite_precedent)
+        elif scaffold:
+            precedents = [None] * len(chunk)
             openings = [precedent_opening(r, spec, k) for r in chunk] if cite_precedent else None
             texts, lengths = _scaffolded(params, sampler, conversations, dataclasses.replace(sp, seed=sp.seed + start),
                                          openings=openings)
         else:
+            precedents = [None] * len(chunk)
             out = sampler.generate(params, conversations, dataclasses.replace(sp, seed=sp.seed + start))
             texts, lengths = out.texts, [len(c) for c in out.completion_ids]
         reqs = [r["prompt"] for r in chunk for _ in range(n)]
         labels = [r["label"] for r in chunk for _ in range(n)]
         scores = score_chains(reqs, texts, labels, judge)
+        if reasoning == "precedent":  # a request with no fitting precedent has no chain
+            scores = [s if t else dataclasses.replace(s, safety=0.0, format=0.0) for s, t in zip(scores, texts)]
         for i, r in enumerate(chunk):
             rows = list(range(i * n, (i + 1) * n))
             stats[r["label"]][0] += 1
             passing = [j for j in rows if scores[j].passed]
             sample_pass.extend(scores[j].passed for j in rows)
             if not passing:
-                if fallback == "precedent" and r["label"] == "harmful":
+                if fallback == "precedent" and r["label"] == "harmful" and reasoning == "model":
                     row = precedent_chain(r, spec, judge, k=k, cite=cite_precedent)
                     if row is not None:
                         stats["harmful"][1] += 1
@@ -161,6 +184,8 @@ def generate_chains(
             best = min(passing, key=lambda j: (-scores[j].total, lengths[j], j))
             parsed = parse_output(texts[best])
             stats[r["label"]][1] += 1
+            case_id = precedents[i] if reasoning == "precedent" else None
+            from_precedent += case_id is not None
             kept.append({
                 "id": r.get("id", f"r{start + i}"),
                 "prompt": r["prompt"],
@@ -175,7 +200,8 @@ def generate_chains(
                 "n_passing": len(passing),
                 "variant": variant,
                 "scaffold": scaffold,
-                "source": "model",
+                "source": _source(reasoning, r["label"], case_id),
+                **({"precedent": case_id} if case_id else {}),
                 "model": model_name,
                 "seed": sp.seed,
             })
@@ -188,6 +214,7 @@ def generate_chains(
         "prompts": len(records),
         "kept": len(kept),
         "variant": variant,
+        "reasoning": reasoning,
         "n": n,
         "sample_pass_rate": (sum(sample_pass) / len(sample_pass)) if sample_pass else 0.0,
         "kept_harmful": stats["harmful"][1],
@@ -205,6 +232,7 @@ def generate_chains(
 
 
 FALLBACKS = ("none", "precedent")
+REASONING_SOURCES = ("model", "precedent")
 
 
 def _fitting_case(record: dict, cases, k: int, *, need_answer: bool = False):
@@ -242,20 +270,14 @@ def precedent_chain(record: dict, spec: Spec, judge, k: int = 3, *, cite: bool =
     record. The chain quotes the case and its reasoning (opening like a `cite_precedent` chain when
     `cite`) and reuses its answer; the judge must still see a refusal in that answer.
     """
-    from cada_jax.cada.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
-
     if record.get("label") != "harmful":
         return None
     case = _fitting_case(record, spec.cases, k, need_answer=True)
     if case is None:
         return None
     category = record.get("category")
-    if cite:
-        reasoning = f"{_opening(case)} {case.reasoning} The same applies to this request."
-    else:
-        reasoning = (f"This request is like precedent {case.id} (\"{case.request}\"): {case.reasoning} "
-                     f"The same codes apply here, so I decline.")
-    text = f"{REASONING_OPEN}\n{reasoning}\n{REASONING_CLOSE}\n{ANSWER_OPEN}\n{case.answer}\n{ANSWER_CLOSE}"
+    reasoning = _precedent_reasoning(case, cite)
+    text = _chain_text(reasoning, case.answer)
     score = score_chains([record["prompt"]], [text], ["harmful"], judge)[0]
     if not score.passed:
         return None
@@ -272,6 +294,77 @@ def precedent_chain(record: dict, spec: Spec, judge, k: int = 3, *, cite: bool =
         "source": "precedent",
         "precedent": case.id,
     }
+
+
+# reasoning="precedent" for a benign request that is not marked as a look-alike: citing the
+# retrieval's first pick for "what's a good banana bread recipe" would teach the model a precedent
+# id that means nothing (in a first try, 20 of 32 benign chains cited the same case).
+PLAIN_REASONING = "This request is a safe one: it is an everyday request with nothing harmful in it (C2), so I help."
+
+
+def _source(reasoning: str, label: str, case_id: str | None) -> str:
+    """Where a kept chain's parts come from: `model`, `precedent` (reasoning and answer),
+    `precedent+model` (a precedent's reasoning, the model's answer), `plain+model`."""
+    if reasoning == "model":
+        return "model"
+    if label == "harmful":
+        return "precedent"
+    return "precedent+model" if case_id else "plain+model"
+
+
+def _precedent_reasoning(case, cite: bool) -> str:
+    """A reasoning that decides by `case`: the case quoted with its reasoning, then its verdict."""
+    if cite:
+        return f"{_opening(case)} {case.reasoning} The same applies to this request."
+    if case.verdict == "refuse":
+        return f"This request is like precedent {case.id} (\"{case.request}\"): {case.reasoning} The same codes apply here, so I decline."
+    return (f"This request is a safe one, like precedent {case.id} (\"{case.request}\"): {case.reasoning} "
+            "The same codes apply here, so I help.")
+
+
+def _lookalike_case(record: dict, cases):
+    """The comply case most similar to a look-alike request (lexical), or None when none shares a word."""
+    from cada_jax.cada.spec import similarity_scores
+
+    fits = [c for c in cases if c.verdict == "comply"]
+    if not fits:
+        return None
+    sims = [round(float(x), 9) for x in similarity_scores(record["prompt"], fits)]
+    best = min(range(len(fits)), key=lambda i: (-sims[i], fits[i].id))
+    return fits[best] if sims[best] > 0 else None
+
+
+def _chain_text(reasoning: str, answer: str) -> str:
+    from cada_jax.cada.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
+
+    return f"{REASONING_OPEN}\n{reasoning}\n{REASONING_CLOSE}\n{ANSWER_OPEN}\n{answer}\n{ANSWER_CLOSE}"
+
+
+def _precedent_grounded(params, sampler: Sampler, records, spec: Spec, k: int, sp: SamplingParams, *, cite: bool = False):
+    """Chains for `reasoning="precedent"`: `sp.n` per record, record-major, with their lengths (the
+    sampled answer's tokens; 0 for a precedent's answer) and each record's precedent id (None when
+    no case fits; its texts are empty)."""
+    n = sp.n
+    cases = [_fitting_case(r, spec.cases, k, need_answer=True) if r["label"] == "harmful"
+             else (_lookalike_case(r, spec.cases) if r.get("resembles") else None) for r in records]
+    asked = [i for i, r in enumerate(records) if r["label"] == "benign"]
+    answers = {}
+    if asked:  # the model's own answers to the bare requests, n each
+        out = sampler.generate(params, [[{"role": "user", "content": records[i]["prompt"]}] for i in asked], sp)
+        for j, i in enumerate(asked):
+            answers[i] = [(out.texts[j * n + m].strip(), len(out.completion_ids[j * n + m])) for m in range(n)]
+    texts, lengths = [], []
+    for i, (r, case) in enumerate(zip(records, cases)):
+        for m in range(n):
+            if r["label"] == "harmful" and case is None:  # no refusing precedent with an answer
+                texts.append("")
+                lengths.append(0)
+                continue
+            answer, length = (case.answer, 0) if r["label"] == "harmful" else answers[i][m]
+            reasoning = _precedent_reasoning(case, cite) if case is not None else PLAIN_REASONING
+            texts.append(_chain_text(reasoning, answer))
+            lengths.append(length)
+    return texts, lengths, [c.id if c is not None else None for c in cases]
 
 
 def _scaffolded(params, sampler: Sampler, conversations, sp: SamplingParams, openings=None) -> tuple[list[str], list[int]]:

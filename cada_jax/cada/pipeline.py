@@ -62,7 +62,7 @@ def _log(msg: str) -> None:
 
 def training_requests(cfg: Config) -> list[dict]:
     """The requests of self-generation (and, by default, of RL)."""
-    from cada_jax.data.builtin import BUILTIN_SETS, load_builtin
+    from cada_jax.data.builtin import BUILTIN_SETS, load_builtin, round_robin
 
     g = cfg.generate
     if g.data:
@@ -71,9 +71,9 @@ def training_requests(cfg: Config) -> list[dict]:
         rows = read_prompt_records(g.data, key="generate.data")
         return rows[: g.limit] if g.limit else rows
     rows = []
-    for name in BUILTIN_SETS:
+    for name in BUILTIN_SETS:  # a limit takes each category in turn, as the eval suite does
         part = load_builtin(name, "train")
-        rows.extend(part[: g.limit] if g.limit else part)
+        rows.extend(round_robin(part, "resembles" if name == "lookalike" else "category")[: g.limit] if g.limit else part)
     return rows
 
 
@@ -241,7 +241,7 @@ def run_pipeline(cfg: Config) -> dict:
         summary = generate_chains(m.params, m.sampler, requests, variant=g.variant, n=g.n, sampling=sp,
                                   judge=judge_from_config(cfg, g.judge, m.dir), k=g.k_cases, batch_size=g.batch_size, out_path=chains,
                                   model_name=m.dir, progress=cfg.run.progress, scaffold=g.scaffold,
-                                  fallback=g.fallback, cite_precedent=g.cite_precedent)
+                                  fallback=g.fallback, cite_precedent=g.cite_precedent, reasoning=g.reasoning)
         summary.pop("records")
         with open(os.path.join(run_dir, "generate", "stats.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -120,4 +120,19 @@ def builtin_mix(split: str) -> list[dict]:
 
 
 __all__ = ["BUILTIN_DIR", "BUILTIN_SETS", "BuiltinDataError", "LABELS", "SPLITS",
-           "builtin_mix", "builtin_path", "load_builtin", "read_prompt_file"]
+           "builtin_mix", "builtin_path", "load_builtin", "read_prompt_file", "round_robin"]
+
+
+def round_robin(rows: list[dict], key: str) -> list[dict]:
+    """Rows reordered to take one of each category in turn (file order within a category), so the
+    first N cover as many categories as N allows; the built-in files are grouped by category."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(key)), []).append(r)
+    out: list[dict] = []
+    queues = list(groups.values())
+    depth = 0
+    while len(out) < len(rows):
+        out.extend(q[depth] for q in queues if depth < len(q))
+        depth += 1
+    return out

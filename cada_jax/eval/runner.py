@@ -152,30 +152,15 @@ def read_results(path: str | Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _round_robin(rows: list[dict], key: str) -> list[dict]:
-    """Rows reordered to take one of each category in turn (file order within a category), so the
-    first N cover as many categories as N allows; the built-in files are grouped by category."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(str(r.get(key)), []).append(r)
-    out: list[dict] = []
-    queues = list(groups.values())
-    depth = 0
-    while len(out) < len(rows):
-        out.extend(q[depth] for q in queues if depth < len(q))
-        depth += 1
-    return out
-
-
 def _builtin_records(limit: int | None, split: str | None) -> list[PromptRecord]:
-    from cada_jax.data.builtin import BUILTIN_SETS, load_builtin
+    from cada_jax.data.builtin import BUILTIN_SETS, load_builtin, round_robin
 
     split = split or "test"
     out: list[PromptRecord] = []
     for name in BUILTIN_SETS:
         rows = load_builtin(name, split)
         if limit is not None and limit < len(rows):
-            rows = _round_robin(rows, "resembles" if name == "lookalike" else "category")[:limit]
+            rows = round_robin(rows, "resembles" if name == "lookalike" else "category")[:limit]
         for r in rows:
             category = r["category"]
             if name == "lookalike":
