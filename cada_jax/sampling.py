@@ -109,7 +109,7 @@ def _prefill(params, tokens_BP, mask_BP, *, cfg: ModelConfig, slots: int, cache_
     if unroll:
         params = split_layers(params, cfg)
     cache = init_cache(cfg, tokens_BP.shape[0], slots, cache_dtype, per_layer=unroll)
-    logits, cache = forward(params, tokens_BP, positions, mask_BP, cache, cfg=cfg)
+    logits, cache = forward(params, tokens_BP, positions, mask_BP, cache, cfg=cfg, last_only=True)
     next_pos_B = jnp.sum(mask_BP, axis=1).astype(jnp.int32)
     return logits[:, -1, :], cache, next_pos_B
 

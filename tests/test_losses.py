@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cada_jax.rl import losses as L
-from cada_jax.rl.losses import LossConfig, policy_loss, token_entropy, token_logprobs
+from cada_jax.rl.losses import LossConfig, policy_loss, token_entropy, token_logprobs, token_logprobs_and_entropy
 
 # ----------------------------------------------------------------------------- numpy reference
 
@@ -465,3 +465,32 @@ def test_token_entropy_matches_numpy_and_is_safe():
     g = np.asarray(jax.grad(lambda x: token_entropy(x, jnp.asarray(mask)))(jnp.asarray(logits)))
     assert np.all(np.isfinite(g))
     assert np.all(g[~mask] == 0.0)
+
+
+def test_fused_logprobs_and_entropy_match_numpy_and_the_separate_functions():
+    rng = np.random.default_rng(16)
+    B, T, V = 2, 5, 6
+    logits = rng.normal(0, 2, size=(B, T, V)).astype(np.float32)
+    logits[0, 1, 2] = -np.inf  # a vocab entry masked out
+    logits[1, 0, :] = 80.0 * np.arange(V)  # near one-hot, large values
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=bool)
+    tokens = rng.integers(0, V, size=(B, T))
+    tokens[0, 1] = 1
+    logp, ent = token_logprobs_and_entropy(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+    ents = []
+    for b in range(B):
+        for t in range(T):
+            lp = _np_log_softmax_row([float(v) for v in logits[b, t]])
+            assert float(logp[b, t]) == pytest.approx(lp[tokens[b, t]], rel=1e-5, abs=1e-5)
+            if mask[b, t]:
+                ents.append(-sum(math.exp(v) * v for v in lp if v != -math.inf))
+    assert float(ent) == pytest.approx(sum(ents) / len(ents), rel=1e-5)
+    # same gradient as token_logprobs; the entropy carries none
+    w = jnp.asarray(rng.normal(size=(B, T)).astype(np.float32))
+    g_fused = jax.grad(lambda x: jnp.sum(w * token_logprobs_and_entropy(x, jnp.asarray(tokens), jnp.asarray(mask))[0]))(jnp.asarray(logits))
+    g_ref = jax.grad(lambda x: jnp.sum(w * token_logprobs(x, jnp.asarray(tokens))))(jnp.asarray(logits))
+    np.testing.assert_allclose(np.asarray(g_fused), np.asarray(g_ref), rtol=1e-5, atol=1e-6)
+    g_ent = jax.grad(lambda x: token_logprobs_and_entropy(x, jnp.asarray(tokens), jnp.asarray(mask))[1])(jnp.asarray(logits))
+    assert np.all(np.asarray(g_ent) == 0.0)
+    with pytest.raises(ValueError, match="mask_BT"):
+        token_logprobs_and_entropy(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask[:, :2]))

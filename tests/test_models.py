@@ -100,3 +100,26 @@ def test_unrolled_per_layer_path_equals_scanned(saved):
     assert np.abs(got[v] - np.asarray(full)[v]).max() <= 1e-4
     with pytest.raises(ValueError, match="per-layer"):
         forward_jit(split, tokens, pos, mask, init_cache(cfg, 2, 16), cfg=cfg)
+
+
+def test_last_only_logits_equal_the_last_position_of_the_full_pass(saved):
+    """forward(last_only=True) projects only the last position onto the vocabulary, on every path
+    (scanned / per-layer, with and without a cache); its logits equal the full pass's last column."""
+    import jax.numpy as jnp
+
+    from cada_jax.models.decoder import forward, split_layers
+
+    _, d = saved[("llama", True, 4, 2)]
+    params, cfg = load_params(d)
+    tokens, mask = padded_batch(cfg.vocab_size, [9, 5], 10, left=True)
+    pos = np.asarray(positions_from_mask(mask))
+    full, _ = forward_jit(params, tokens, pos, mask, cfg=cfg)
+    want = np.asarray(full)[:, -1:]
+    for p, per_layer in ((params, False), (split_layers(params, cfg), True)):
+        last, _ = jax.jit(lambda p, t, q, m: forward(p, t, q, m, cfg=cfg, last_only=True))(p, tokens, pos, mask)
+        assert last.shape == (2, 1, cfg.vocab_size)
+        np.testing.assert_allclose(np.asarray(last), want, atol=1e-5)
+        cache = init_cache(cfg, 2, 12, per_layer=per_layer)
+        last_c, cache = forward(p, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(mask), cache, cfg=cfg, last_only=True)
+        np.testing.assert_allclose(np.asarray(last_c), want, atol=1e-4)
+        assert int(cache["index"]) == 10

@@ -207,7 +207,7 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv=None, index=0):
+    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv=None, index=0, last_only=False):
         cfg = self.cfg
         dt = _dt(cfg.dtype)
         embedding = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
@@ -228,6 +228,8 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         (x, kv, _), _ = stack(cfg, name="layers")((x, kv, jnp.int32(0)), cos, sin, mask_BTS, index)
+        if last_only:
+            x = x[:, -1:]
         x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
         head = None
         if not cfg.tie_word_embeddings:
@@ -252,7 +254,7 @@ def _logits(cfg: ModelConfig, x_BTD, embedding_VD, head_DV=None):
     return logits.astype(jnp.float32).reshape(B, T, -1)
 
 
-def _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg: ModelConfig):
+def _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg: ModelConfig, last_only: bool = False):
     """The same network as `Decoder`, with the layer loop unrolled over per-layer parameters.
 
     Used by the sampler: a scanned layer loop slices every layer's weights out of the stacked
@@ -270,6 +272,8 @@ def _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg:
         if kv_i is not None:
             new_k.append(kv_i[0])
             new_v.append(kv_i[1])
+    if last_only:
+        x = x[:, -1:]
     x = RMSNorm(cfg, cfg.hidden_size).apply({"params": params["final_norm"]}, x)
     logits = _logits(cfg, x, params["embed"], params.get("lm_head"))
     return logits, (None if kv is None else (tuple(new_k), tuple(new_v)))
@@ -324,8 +328,12 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype: str | None = Non
     return {"k": k, "v": v, "mask": jnp.zeros((batch, slots), bool), "index": jnp.zeros((), jnp.int32)}
 
 
-def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | None = None, *, cfg: ModelConfig):
+def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | None = None, *, cfg: ModelConfig,
+            last_only: bool = False):
     """Logits [B,T,V] (f32) for `tokens_BT` and the updated cache (None without one).
+
+    `last_only=True` computes the logits of the last position only ([B,1,V]): a prefill needs no
+    more, and the vocabulary projection is the largest single matmul of a short sequence.
 
     `attention_mask_BT` is 1 for real tokens and 0 for padding; `positions_BT` are the RoPE
     positions (with left padding: cumulative count of real tokens minus one). Without a cache,
@@ -342,8 +350,8 @@ def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | N
         causal_TS = jnp.tril(jnp.ones((T, T), bool))
         mask_BTS = causal_TS[None] & valid_BT[:, None, :]
         if unrolled:
-            return _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, None, 0, cfg)[0], None
-        logits, _ = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS)
+            return _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, None, 0, cfg, last_only)[0], None
+        logits, _ = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, last_only=last_only)
         return logits, None
     index = cache["index"]
     S = cache["mask"].shape[1]
@@ -355,9 +363,9 @@ def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | N
     if unrolled != isinstance(cache["k"], (tuple, list)):
         raise ValueError("per-layer params (split_layers) need a per-layer cache (init_cache(per_layer=True)) and vice versa")
     if unrolled:
-        logits, (k, v) = _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg)
+        logits, (k, v) = _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg, last_only)
     else:
-        logits, (k, v) = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, kv, index)
+        logits, (k, v) = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, kv, index, last_only=last_only)
     return logits, {"k": k, "v": v, "mask": slot_mask_BS, "index": index + T}
 
 

@@ -79,7 +79,7 @@ from cada_jax.rl.advantages import compute_advantages, get_advantage, group_has_
 from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
-from cada_jax.rl.losses import LossConfig, policy_loss, token_entropy, token_logprobs
+from cada_jax.rl.losses import LossConfig, policy_loss, token_logprobs, token_logprobs_and_entropy
 from cada_jax.rl.lora import apply_lora, init_lora, merge_lora
 from cada_jax.rl.optim import make_optimizer, make_schedule, make_train_step
 from cada_jax.rl.rewards import RewardSet, reward_set_from_config
@@ -227,10 +227,18 @@ def build_update_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequ
 
 def completion_logprobs(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC, *,
                         cfg: ModelConfig, mesh=None):
-    """(log-probs [B, C] of every completion token, their logits [B, C, V]); G = B / N samples per prompt.
+    """(log-probs [B, C] of every completion token, their logits [B, C, V]); see `completion_logits`."""
+    logits_BCV = completion_logits(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC,
+                                   cfg=cfg, mesh=mesh)
+    return token_logprobs(logits_BCV, jnp.asarray(completion_tokens_BC, jnp.int32)), logits_BCV
+
+
+def completion_logits(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC, *,
+                      cfg: ModelConfig, mesh=None):
+    """The logits [B, C, V] predicting every completion token; G = B / N samples per prompt.
 
     One decoder pass over the N prompts fills a KV cache of P + C - 1 slots; its last position
-    predicts each group's first completion token. The cache is repeated G times and one pass over
+    (the only one projected onto the vocabulary) predicts each group's first completion token. The cache is repeated G times and one pass over
     the first C - 1 completion tokens (positions continuing each prompt's own length) predicts the
     rest. Values equal a full causal pass over [prompt | completion] rows up to float rounding.
     With a `mesh` the logits stay split over batch and vocabulary through the log-softmax.
@@ -243,8 +251,8 @@ def completion_logprobs(params, prompt_tokens_NP, prompt_mask_NP, completion_tok
         raise ValueError(f"{B} completions do not split into groups over {N} prompts")
     G = B // N
     cache = _decoder.init_cache(cfg, N, P + C - 1)
-    logits_NPV, cache = _decoder.forward(params, ptok, positions_from_mask(pmask), pmask, cache, cfg=cfg)
-    first_BV = jnp.repeat(logits_NPV[:, -1], G, axis=0)
+    last_N1V, cache = _decoder.forward(params, ptok, positions_from_mask(pmask), pmask, cache, cfg=cfg, last_only=True)
+    first_BV = jnp.repeat(last_N1V[:, -1], G, axis=0)
     if C == 1:
         logits_BCV = first_BV[:, None]
     else:
@@ -258,19 +266,18 @@ def completion_logprobs(params, prompt_tokens_NP, prompt_mask_NP, completion_tok
     if mesh is not None:
         logits_BCV = jax.lax.with_sharding_constraint(
             logits_BCV, fit_sharding(mesh, logits_BCV.shape, ("act_batch", "act_seq", "act_vocab"), cfg))
-    return token_logprobs(logits_BCV, ctok), logits_BCV
+    return logits_BCV
 
 
 def grpo_loss(params, batch: dict, *, cfg: ModelConfig, loss_cfg: LossConfig, mesh=None):
     """(loss, metrics) of `policy_loss` on an update batch, plus the policy's token entropy."""
-    logp_BC, logits_BCV = completion_logprobs(params, batch["prompt_tokens_NP"], batch["prompt_mask_NP"],
-                                              batch["completion_tokens_BC"], batch["completion_mask_BC"], cfg=cfg,
-                                              mesh=mesh)
+    logits_BCV = completion_logits(params, batch["prompt_tokens_NP"], batch["prompt_mask_NP"],
+                                   batch["completion_tokens_BC"], batch["completion_mask_BC"], cfg=cfg, mesh=mesh)
     mask_BC = batch["completion_mask_BC"]
+    logp_BC, entropy = token_logprobs_and_entropy(logits_BCV, jnp.asarray(batch["completion_tokens_BC"], jnp.int32), mask_BC)
     loss, metrics = policy_loss(logp_BC, batch["old_logp_BC"], batch["advantages_B"], mask_BC, loss_cfg,
                                 batch.get("ref_logp_BC"))
-    metrics = dict(metrics, entropy=token_entropy(jax.lax.stop_gradient(logits_BCV), mask_BC))
-    return loss, metrics
+    return loss, dict(metrics, entropy=entropy)
 
 
 def loss_config(rl, max_len: int | None = None) -> LossConfig:

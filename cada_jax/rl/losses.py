@@ -313,6 +313,32 @@ def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array) -> jax.Array:
     return picked_BT - lse_BT
 
 
+def token_logprobs_and_entropy(logits_BTV: jax.Array, tokens_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(`token_logprobs`, `token_entropy` with no gradient), sharing one exp pass over the logits.
+
+    The policy update needs both; computed apart they read and write the [B, T, V] logits several
+    times (the largest arrays of the step). Entropy = log Z - sum(p * (logit - max)), with
+    p = exp(logit - max) / Z; -inf logits contribute nothing, padded positions are ignored.
+    """
+    if jnp.ndim(logits_BTV) != 3:
+        raise ValueError(f"logits_BTV must be 3-D [batch, time, vocab], got shape {jnp.shape(logits_BTV)}")
+    if jnp.shape(tokens_BT) != jnp.shape(logits_BTV)[:2] or jnp.shape(mask_BT) != jnp.shape(logits_BTV)[:2]:
+        raise ValueError(f"tokens_BT {jnp.shape(tokens_BT)} and mask_BT {jnp.shape(mask_BT)} must both have the "
+                         f"shape of logits_BTV without its vocabulary axis, {jnp.shape(logits_BTV)[:2]}")
+    logits_BTV = jnp.asarray(logits_BTV, jnp.float32)
+    max_BT1 = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1, keepdims=True))
+    z_BTV = logits_BTV - max_BT1
+    e_BTV = jnp.exp(z_BTV)
+    sum_BT = jnp.sum(e_BTV, axis=-1)
+    picked_BT = jnp.take_along_axis(z_BTV, jnp.asarray(tokens_BT)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logp_BT = picked_BT - jnp.log(sum_BT)
+    e_BTV, z_BTV, sum_BT = (jax.lax.stop_gradient(a) for a in (e_BTV, z_BTV, sum_BT))
+    ez_BT = jnp.sum(jnp.where(e_BTV > 0, e_BTV * z_BTV, 0.0), axis=-1)
+    mask_BT = jnp.asarray(mask_BT) != 0
+    ent_BT = jnp.where(mask_BT, jnp.log(sum_BT) - ez_BT / sum_BT, 0.0)
+    return logp_BT, _masked_mean(ent_BT, mask_BT)
+
+
 def token_entropy(logits_BTV: jax.Array, mask_BT: jax.Array) -> jax.Array:
     """Mean entropy (nats) of the next-token distribution over valid positions, float32.
 
