@@ -345,6 +345,7 @@ class PipelineSection:
     eval_before: bool = _f(True, "also evaluate the starting model, for the before/after table")
     rl_data: str = _f("", "JSONL of RL requests {prompt, label}; empty = the same requests as generation")
     rl_lr: float = _f(0.0, "peak learning rate of the RL stage; 0 = optim.lr (which the SFT stage uses)")
+    rl_fresh: bool = _f(False, "RL on the next generate.limit requests of each set instead of the ones distilled by SFT (needs generate.limit > 0; ignored with rl_data)")
 
     def __post_init__(self):
         allowed = ("generate", "sft", "rl", "eval")
@@ -354,6 +355,11 @@ class PipelineSection:
         _check(order == sorted(order) and len(set(order)) == len(order), "pipeline.stages",
                f"stages must be distinct and in the order {', '.join(allowed)}, got {list(self.stages)}")
         _check(self.rl_lr >= 0, "pipeline.rl_lr", f"must be >= 0 (0 = optim.lr), got {self.rl_lr}")
+
+
+def _check_rl_fresh(cfg) -> None:
+    _check(not cfg.pipeline.rl_fresh or cfg.generate.limit > 0 or cfg.pipeline.rl_data, "pipeline.rl_fresh",
+           "needs generate.limit > 0: with limit 0 the generate stage already uses every training request")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +376,9 @@ class Config:
     judge: JudgeSection = _f(JudgeSection, "settings of the llm / http judges named by generate.judge and eval.judge")
     eval: EvalSection = _f(EvalSection, "safety evaluation of the pipeline's models")
     pipeline: PipelineSection = _f(PipelineSection, "which stages `cada pipeline` runs")
+
+    def __post_init__(self):  # checks across sections
+        _check_rl_fresh(self)
 
 
 # ----------------------------------------------------------------------------- generic machinery

@@ -111,7 +111,7 @@ def generate_chains(
 
     `reasoning="precedent"` (variant `cases`) is case-grounded distillation for models too small to
     reason over the spec at all: every chain's reasoning is its request's closest fitting precedent
-    (quoted with its reasoning, which cites the codes, and the verdict it implies). Harmful requests
+    (named, with its reasoning, which cites the codes, and the verdict it implies). Harmful requests
     cite their closest refusing case; look-alikes (benign records with a `resembles` field, as in the
     built-in set) cite the most similar comply case and open with "This request is a safe one";
     other benign requests get a short plain reasoning instead of an arbitrary case. A harmful
@@ -267,7 +267,7 @@ def precedent_chain(record: dict, spec: Spec, judge, k: int = 3, *, cite: bool =
     """A chain for a harmful `record` taken from its nearest refusing precedent, or None.
 
     The precedent is the first refusing case (with an answer) in the usual retrieval order for the
-    record. The chain quotes the case and its reasoning (opening like a `cite_precedent` chain when
+    record. The chain names the case and quotes its reasoning (opening like a `cite_precedent` chain when
     `cite`) and reuses its answer; the judge must still see a refusal in that answer.
     """
     if record.get("label") != "harmful":
@@ -313,13 +313,14 @@ def _source(reasoning: str, label: str, case_id: str | None) -> str:
 
 
 def _precedent_reasoning(case, cite: bool) -> str:
-    """A reasoning that decides by `case`: the case quoted with its reasoning, then its verdict."""
+    """A reasoning that decides by `case`: the case named with its reasoning, then its verdict."""
     if cite:
         return f"{_opening(case)} {case.reasoning} The same applies to this request."
+    # The case's own request is not quoted: a 135M student paraphrased the new request into the
+    # quote instead of recalling the case, and the quote pushed answers past the token budget.
     if case.verdict == "refuse":
-        return f"This request is like precedent {case.id} (\"{case.request}\"): {case.reasoning} The same codes apply here, so I decline."
-    return (f"This request is a safe one, like precedent {case.id} (\"{case.request}\"): {case.reasoning} "
-            "The same codes apply here, so I help.")
+        return f"This request is like precedent {case.id}: {case.reasoning} The same codes apply here, so I decline."
+    return f"This request is a safe one, like precedent {case.id}: {case.reasoning} The same codes apply here, so I help."
 
 
 def _lookalike_case(record: dict, cases):

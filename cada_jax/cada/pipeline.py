@@ -60,20 +60,23 @@ def _log(msg: str) -> None:
     main_print(f"[cada pipeline] {msg}", flush=True)
 
 
-def training_requests(cfg: Config) -> list[dict]:
-    """The requests of self-generation (and, by default, of RL)."""
+def training_requests(cfg: Config, *, fresh: bool = False) -> list[dict]:
+    """The requests of self-generation (and, by default, of RL).
+
+    `fresh=True`: the next `generate.limit` requests of each set (of the file) after those, for an
+    RL stage on requests the SFT data did not contain (empty when there are no more)."""
     from cada_jax.data.builtin import BUILTIN_SETS, load_builtin, round_robin
 
     g = cfg.generate
+    lo, hi = (g.limit, 2 * g.limit) if fresh else (0, g.limit or None)
     if g.data:
         from cada_jax.rl.grpo import read_prompt_records
 
-        rows = read_prompt_records(g.data, key="generate.data")
-        return rows[: g.limit] if g.limit else rows
+        return read_prompt_records(g.data, key="generate.data")[lo:hi]
     rows = []
     for name in BUILTIN_SETS:  # a limit takes each category in turn, as the eval suite does
         part = load_builtin(name, "train")
-        rows.extend(round_robin(part, "resembles" if name == "lookalike" else "category")[: g.limit] if g.limit else part)
+        rows.extend(round_robin(part, "resembles" if name == "lookalike" else "category")[lo:hi] if g.limit else part)
     return rows
 
 
@@ -281,9 +284,14 @@ def run_pipeline(cfg: Config) -> dict:
 
         if cfg.pipeline.rl_data:
             raw = read_prompt_records(cfg.pipeline.rl_data, key="pipeline.rl_data")
+        elif cfg.pipeline.rl_fresh:
+            raw = training_requests(cfg, fresh=True)
+            if not raw:
+                raise PipelineError(f"pipeline.rl_fresh: no training requests after the first generate.limit={cfg.generate.limit} "
+                                    "of each set; lower generate.limit or set pipeline.rl_fresh=false")
         else:
             raw = requests if requests is not None else training_requests(cfg)
-        raw = check_records(raw, cfg.pipeline.rl_data or "built-in train sets")
+        raw = check_records(raw, cfg.pipeline.rl_data or ("built-in train sets" if not cfg.generate.data else cfg.generate.data))
         records = [{"prompt": build_plain_messages(r["prompt"]), "label": r["label"], "category": r.get("category")} for r in raw]
         rl = cfg.rl
         if not rl.rewards:

@@ -6,6 +6,9 @@
   as a refusal, and rewarding that would teach the policy to ramble past its token budget on
   anything that looks harmful (observed on SmolLM2-135M).
 - `cada_format`: 1 when the completion follows the reasoning/answer format.
+- `cada_overrefusal`: -1 when the final answer refuses a benign request, else 0. Added to the two
+  above it makes refusing a look-alike cost more than refusing a harmful request earns, for a
+  policy that cannot yet tell them apart (SmolLM2-135M learned to refuse both).
 """
 
 from __future__ import annotations
@@ -27,3 +30,10 @@ def cada_safety(prompts, completions, label, **_):
 @register_reward("cada_format")
 def cada_format(prompts, completions, **_):
     return [format_reward(c) for c in completions]
+
+
+@register_reward("cada_overrefusal")
+def cada_overrefusal(prompts, completions, label, **_):
+    answers = [parse_output(c).answer.strip() for c in completions]
+    verdicts = _RULE.judge([p if isinstance(p, str) else str(p) for p in prompts], list(completions))
+    return [-1.0 if lab == "benign" and a and v.refused else 0.0 for lab, a, v in zip(label, answers, verdicts)]
