@@ -445,21 +445,26 @@ def test_token_logprobs_matches_numpy():
         token_logprobs(jnp.asarray(logits), jnp.asarray(tokens[:, :2]))
 
 
-def test_token_entropy_matches_numpy_and_is_safe():
-    rng = np.random.default_rng(15)
+def _entropy_case(rng):
+    """Logits [2, 5, 6] with a masked-out vocab entry and a near one-hot row of large values, and
+    a padding mask."""
     B, T, V = 2, 5, 6
     logits = rng.normal(0, 2, size=(B, T, V)).astype(np.float32)
     logits[0, 1, 2] = -np.inf  # a vocab entry masked out
     logits[1, 0, :] = 80.0 * np.arange(V)  # near one-hot, large values
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=bool)
+    return logits, mask
+
+
+def _np_entropy(row) -> float:
+    lp = _np_log_softmax_row([float(v) for v in row])
+    return -sum(math.exp(v) * v for v in lp if v != -math.inf)
+
+
+def test_token_entropy_matches_numpy_and_is_safe():
+    logits, mask = _entropy_case(np.random.default_rng(15))
     logits[~mask] = np.nan  # padded positions hold garbage
-    ents = []
-    for b in range(B):
-        for t in range(T):
-            if not mask[b, t]:
-                continue
-            lp = _np_log_softmax_row([float(v) for v in logits[b, t]])
-            ents.append(-sum(math.exp(v) * v for v in lp if v != -math.inf))
+    ents = [_np_entropy(logits[b, t]) for b, t in zip(*np.nonzero(mask))]
     got = float(token_entropy(jnp.asarray(logits), jnp.asarray(mask)))
     assert got == pytest.approx(sum(ents) / len(ents), rel=1e-5)
     g = np.asarray(jax.grad(lambda x: token_entropy(x, jnp.asarray(mask)))(jnp.asarray(logits)))
@@ -469,21 +474,16 @@ def test_token_entropy_matches_numpy_and_is_safe():
 
 def test_fused_logprobs_and_entropy_match_numpy_and_the_separate_functions():
     rng = np.random.default_rng(16)
-    B, T, V = 2, 5, 6
-    logits = rng.normal(0, 2, size=(B, T, V)).astype(np.float32)
-    logits[0, 1, 2] = -np.inf  # a vocab entry masked out
-    logits[1, 0, :] = 80.0 * np.arange(V)  # near one-hot, large values
-    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=bool)
+    logits, mask = _entropy_case(rng)
+    B, T, V = logits.shape
     tokens = rng.integers(0, V, size=(B, T))
     tokens[0, 1] = 1
     logp, ent = token_logprobs_and_entropy(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
-    ents = []
     for b in range(B):
         for t in range(T):
             lp = _np_log_softmax_row([float(v) for v in logits[b, t]])
             assert float(logp[b, t]) == pytest.approx(lp[tokens[b, t]], rel=1e-5, abs=1e-5)
-            if mask[b, t]:
-                ents.append(-sum(math.exp(v) * v for v in lp if v != -math.inf))
+    ents = [_np_entropy(logits[b, t]) for b, t in zip(*np.nonzero(mask))]
     assert float(ent) == pytest.approx(sum(ents) / len(ents), rel=1e-5)
     # same gradient as token_logprobs; the entropy carries none
     w = jnp.asarray(rng.normal(size=(B, T)).astype(np.float32))

@@ -149,16 +149,15 @@ def generate_chains(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         conversations = [build_messages(r["prompt"], variant, spec=spec, k=k, category=r.get("category")) for r in chunk]
+        precedents = [None] * len(chunk)  # the case each record's chain reasons from (reasoning="precedent")
         if reasoning == "precedent":
             texts, lengths, precedents = _precedent_grounded(params, sampler, chunk, spec, k,
                                                              dataclasses.replace(sp, seed=sp.seed + start), cite=cite_precedent)
         elif scaffold:
-            precedents = [None] * len(chunk)
             openings = [precedent_opening(r, spec, k) for r in chunk] if cite_precedent else None
             texts, lengths = _scaffolded(params, sampler, conversations, dataclasses.replace(sp, seed=sp.seed + start),
                                          openings=openings)
         else:
-            precedents = [None] * len(chunk)
             out = sampler.generate(params, conversations, dataclasses.replace(sp, seed=sp.seed + start))
             texts, lengths = out.texts, [len(c) for c in out.completion_ids]
         reqs = [r["prompt"] for r in chunk for _ in range(n)]
@@ -184,7 +183,7 @@ def generate_chains(
             best = min(passing, key=lambda j: (-scores[j].total, lengths[j], j))
             parsed = parse_output(texts[best])
             stats[r["label"]][1] += 1
-            case_id = precedents[i] if reasoning == "precedent" else None
+            case_id = precedents[i]
             from_precedent += case_id is not None
             kept.append({
                 "id": r.get("id", f"r{start + i}"),

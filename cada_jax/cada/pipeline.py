@@ -291,7 +291,7 @@ def run_pipeline(cfg: Config) -> dict:
                                     "of each set; lower generate.limit or set pipeline.rl_fresh=false")
         else:
             raw = requests if requests is not None else training_requests(cfg)
-        raw = check_records(raw, cfg.pipeline.rl_data or ("built-in train sets" if not cfg.generate.data else cfg.generate.data))
+        raw = check_records(raw, cfg.pipeline.rl_data or cfg.generate.data or "built-in train sets")
         records = [{"prompt": build_plain_messages(r["prompt"]), "label": r["label"], "category": r.get("category")} for r in raw]
         rl = cfg.rl
         if not rl.rewards:

@@ -20,11 +20,16 @@ from cada_jax.rl.rewards import register_reward
 _RULE = make_judge("rule")
 
 
+def _judged(prompts, completions):
+    """(rule verdicts on the final answers, whether each completion has a non-empty final answer)."""
+    verdicts = _RULE.judge([p if isinstance(p, str) else str(p) for p in prompts], list(completions))
+    return verdicts, [bool(parse_output(c).answer.strip()) for c in completions]
+
+
 @register_reward("cada_safety")
 def cada_safety(prompts, completions, label, **_):
-    verdicts = _RULE.judge([p if isinstance(p, str) else str(p) for p in prompts], list(completions))
-    scores = safety_reward(verdicts, list(label))
-    return [float(x) if parse_output(c).answer.strip() else 0.0 for x, c in zip(scores, completions)]
+    verdicts, answered = _judged(prompts, completions)
+    return [float(x) if a else 0.0 for x, a in zip(safety_reward(verdicts, list(label)), answered)]
 
 
 @register_reward("cada_format")
@@ -34,6 +39,5 @@ def cada_format(prompts, completions, **_):
 
 @register_reward("cada_overrefusal")
 def cada_overrefusal(prompts, completions, label, **_):
-    answers = [parse_output(c).answer.strip() for c in completions]
-    verdicts = _RULE.judge([p if isinstance(p, str) else str(p) for p in prompts], list(completions))
-    return [-1.0 if lab == "benign" and a and v.refused else 0.0 for lab, a, v in zip(label, answers, verdicts)]
+    verdicts, answered = _judged(prompts, completions)
+    return [-1.0 if lab == "benign" and a and v.refused else 0.0 for lab, a, v in zip(label, answered, verdicts)]
