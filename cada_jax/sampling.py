@@ -201,7 +201,7 @@ def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: i
 def _start_state(last_logits_BV, cache, next_pos_B, valid_B, *, n: int, max_new: int):
     S = last_logits_BV.shape[0] * n
     cache = {
-        # per-layer [B,K,S,H] buffers (unrolled path) or one stacked [L,B,K,S,H] array
+        # per-layer buffers, batch first (unrolled path), or one stacked [L,B,K,S,H] array
         "k": tuple(_expand(k, n, 0) for k in cache["k"]) if isinstance(cache["k"], tuple) else _expand(cache["k"], n, 1),
         "v": tuple(_expand(v, n, 0) for v in cache["v"]) if isinstance(cache["v"], tuple) else _expand(cache["v"], n, 1),
         "mask": _expand(cache["mask"], n, 0),

@@ -121,12 +121,15 @@ class Attention(nn.Module):
         # matmuls over (b, k) with no transposes of the cache.
         k = jnp.swapaxes(k, 1, 2)
         v = jnp.swapaxes(v, 1, 2)
+        keys_transposed = False
         if kv is not None and kv[0].ndim == 4:
-            # one layer's own [B, K, S, H] buffers (unrolled decode path)
+            # One layer's own buffers (unrolled decode path): keys [B, K, H, S], values
+            # [B, K, S, H]. With the keys' slots last, q.k is a plain matmul: XLA:CPU repacks a
+            # [S, H] right-hand side on every call (at B=64 that repack was 2/3 of the attention).
             cdt = kv[0].dtype
-            k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(cdt), (0, 0, index, 0))
+            k_all = jax.lax.dynamic_update_slice(kv[0], jnp.swapaxes(k, 2, 3).astype(cdt), (0, 0, 0, index))
             v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(cdt), (0, 0, index, 0))
-            keys, values = k_all.astype(dt), v_all.astype(dt)
+            keys, values, keys_transposed = k_all.astype(dt), v_all.astype(dt), True
             kv = (k_all, v_all)
         elif kv is not None:
             k_all, v_all = kv
@@ -140,12 +143,12 @@ class Attention(nn.Module):
             keys, values = k, v
 
         if cfg.attention_impl == "dot_product_attention":
-            out = jax.nn.dot_product_attention(
-                q, jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2), mask=mask_BTS[:, None, :, :]
-            )
+            keys_BSKH = keys.transpose(0, 3, 1, 2) if keys_transposed else jnp.swapaxes(keys, 1, 2)
+            out = jax.nn.dot_product_attention(q, keys_BSKH, jnp.swapaxes(values, 1, 2), mask=mask_BTS[:, None, :, :])
         elif cfg.attention_impl == "einsum":
             qg = q.reshape(B, T, K, cfg.num_groups, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-            scores = jnp.einsum("bkgth,bksh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+            spec = "bkgth,bkhs->bkgts" if keys_transposed else "bkgth,bksh->bkgts"
+            scores = jnp.einsum(spec, qg, keys, preferred_element_type=jnp.float32)
             scores = scores * (1.0 / np.sqrt(H))
             scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG)
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -314,13 +317,14 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype: str | None = None, *, per_layer: bool = False) -> Cache:
     """An empty KV cache with `slots` positions per sequence.
 
-    `per_layer=True` holds one `[B, K, S, H]` buffer per layer (tuples under "k"/"v"), the
-    layout the unrolled decode path updates in place; otherwise one stacked `[L, B, K, S, H]`.
+    `per_layer=True` holds one buffer per layer (tuples under "k"/"v"): keys `[B, K, H, S]`, values
+    `[B, K, S, H]`, the layout the unrolled decode path updates in place; otherwise one stacked
+    `[L, B, K, S, H]` each.
     """
     dt = _dt(dtype or cfg.dtype)
     if per_layer:
         shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
-        k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        k = tuple(jnp.zeros((batch, cfg.num_kv_heads, cfg.head_dim, slots), dt) for _ in range(cfg.num_layers))
         v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
     else:
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
