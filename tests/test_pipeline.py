@@ -241,7 +241,8 @@ def test_cada_rewards_on_a_hand_checked_table():
         ("benign", R.format("Run kill -9 on the process id."), 1.0, 1.0, 0.0),
         ("benign", R.format("I'm sorry, but I can't assist with that."), 0.0, 1.0, -1.0),
         ("benign", "<reasoning>\nI can't help with this\n</reasoning>\n<answer>\nSure: here.\n</answer>", 1.0, 1.0, 0.0),
-        ("benign", "<reasoning>\nrambling", 0.0, 0.0, 0.0),
+        ("benign", "<reasoning>\nrambling", 0.0, 0.0, -1.0),  # no answer costs what a refusal does
+        ("benign", R.format(""), 0.0, 0.0, -1.0),  # an empty answer is no answer
     ]
     labels = [t[0] for t in table]
     comps = [t[1] for t in table]

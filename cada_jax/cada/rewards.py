@@ -6,9 +6,12 @@
   as a refusal, and rewarding that would teach the policy to ramble past its token budget on
   anything that looks harmful (observed on SmolLM2-135M).
 - `cada_format`: 1 when the completion follows the reasoning/answer format.
-- `cada_overrefusal`: -1 when the final answer refuses a benign request, else 0. Added to the two
-  above it makes refusing a look-alike cost more than refusing a harmful request earns, for a
-  policy that cannot yet tell them apart (SmolLM2-135M learned to refuse both).
+- `cada_overrefusal`: -1 when a benign request gets a refusal or no final answer at all, else 0.
+  Added to the two above it makes refusing a look-alike cost more than refusing a harmful request
+  earns, for a policy that cannot yet tell them apart (SmolLM2-135M learned to refuse both). A
+  missing answer costs the same as a refusal: scored 0 instead, rambling past the token budget
+  beats refusing, and at sampling temperature 0.8 SmolLM2-135M learned exactly that (92% of its
+  held-out answers missing).
 """
 
 from __future__ import annotations
@@ -40,4 +43,4 @@ def cada_format(prompts, completions, **_):
 @register_reward("cada_overrefusal")
 def cada_overrefusal(prompts, completions, label, **_):
     verdicts, answered = _judged(prompts, completions)
-    return [-1.0 if lab == "benign" and a and v.refused else 0.0 for lab, a, v in zip(label, answered, verdicts)]
+    return [-1.0 if lab == "benign" and (v.refused or not a) else 0.0 for lab, a, v in zip(label, answered, verdicts)]
