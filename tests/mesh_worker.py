@@ -24,6 +24,19 @@ import numpy as np
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
+def write_result(directory: str, result: dict) -> str:
+    """Write one process's result to ``directory/result_<process index>.json`` (atomically) and
+    print where it went; tests/test_sharding.py reads these files back for multi-process runs."""
+    import jax
+
+    path = os.path.join(directory, f"result_{jax.process_index()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    print(f"RESULT written to {path}", flush=True)
+    return path
+
+
 def tiny_cfg(model_type: str = "llama", **kw):
     from cada_jax.models.config import ModelConfig
 

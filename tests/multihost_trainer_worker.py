@@ -11,7 +11,7 @@ over both. Through the real entry points, on a run directory both processes shar
   run, and a 2-step run resumed from its checkpoint to step 3; each process loads only its slice of
   every batch.
 
-Each process prints ``RESULT {json}`` with what it saw: its data slice, the metrics both runs
+Each process writes ``ROOT_DIR/result_<process index>.json`` with what it saw: its data slice, the metrics both runs
 wrote (process 0 writes them) and checksums of the exported models, for the test to compare
 across processes and between straight and resumed runs.
 """
@@ -103,4 +103,7 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m tests.multihost_trainer_worker ROOT_DIR")
     result = main(sys.argv[1])
-    print("RESULT " + json.dumps(result), flush=True)
+    # a file per process: see tests/multihost_worker.py
+    from tests.mesh_worker import write_result
+
+    write_result(sys.argv[1], result)

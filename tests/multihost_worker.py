@@ -6,12 +6,13 @@ process joins `jax.distributed` through `cada_jax.sharding.initialize_distribute
 GRPO scenario of tests/mesh_worker.py on a data=2 x fsdp=2 x tensor=2 mesh spanning both processes
 (CPU collectives over gloo), saves the train state collectively with an orbax CheckpointManager,
 restores it into the same shardings, takes one more step from the saved and from the restored
-state, and prints ``RESULT {json}`` with checksums for the test to compare across processes.
+state, and writes ``result_<process index>.json`` (next to CKPT_DIR) with checksums for the test to
+compare across processes.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 
 
@@ -72,4 +73,8 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m tests.multihost_worker CHECKPOINT_DIR")
     out = main(sys.argv[1])
-    print("RESULT " + json.dumps(out), flush=True)
+    # A file per process, next to the checkpoint directory: two processes' long stdout lines can
+    # interleave in the launcher's shared pipe (writes over 4 KiB are not atomic).
+    from tests.mesh_worker import write_result
+
+    write_result(os.path.dirname(os.path.abspath(sys.argv[1])), out)

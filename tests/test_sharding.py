@@ -68,6 +68,18 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+def _result_files(directory, processes: int) -> list[dict]:
+    """The per-process results of a multi-process worker (see tests/mesh_worker.write_result)."""
+    paths = [os.path.join(directory, f"result_{i}.json") for i in range(processes)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    assert not missing, f"worker results missing: {missing}"
+    out = []
+    for p in paths:
+        with open(p) as f:
+            out.append(json.load(f))
+    return out
+
+
 def _results(stdout: str) -> list[dict]:
     out = []
     for line in stdout.splitlines():
@@ -360,7 +372,7 @@ def test_two_processes_update_checkpoint_restore(mesh8, tmp_path):
            sys.executable, "-m", "tests.multihost_worker", str(tmp_path / "ckpt")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = sorted(_results(proc.stdout), key=lambda r: r["process_index"])
+    results = _result_files(tmp_path, 2)
     assert [r["process_index"] for r in results] == [0, 1]
     r0, r1 = results
     for r in results:
@@ -542,7 +554,7 @@ def test_two_processes_train_checkpoint_resume_and_agree(tmp_path):
            sys.executable, "-m", "tests.multihost_trainer_worker", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    r0, r1 = sorted(_results(proc.stdout), key=lambda r: r["process_index"])
+    r0, r1 = _result_files(tmp_path, 2)
     assert (r0["process_index"], r1["process_index"]) == (0, 1)
     for r in (r0, r1):
         assert r["method"] == "env" and r["process_count"] == 2 and r["global_devices"] == 8
