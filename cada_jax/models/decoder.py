@@ -323,9 +323,10 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype: str | None = Non
     """
     dt = _dt(dtype or cfg.dtype)
     if per_layer:
-        shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
-        k = tuple(jnp.zeros((batch, cfg.num_kv_heads, cfg.head_dim, slots), dt) for _ in range(cfg.num_layers))
-        v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, slots)
+        v_shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        k = tuple(jnp.zeros(k_shape, dt) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(v_shape, dt) for _ in range(cfg.num_layers))
     else:
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
         k, v = jnp.zeros(shape, dt), jnp.zeros(shape, dt)

@@ -240,8 +240,9 @@ def completion_logits(params, prompt_tokens_NP, prompt_mask_NP, completion_token
     One decoder pass over the N prompts fills a KV cache of P + C - 1 slots; its last position
     (the only one projected onto the vocabulary) predicts each group's first completion token.
     The cache is repeated G times and one pass over the first C - 1 completion tokens (positions
-    continuing each prompt's own length) predicts the rest. Values equal a full causal pass over [prompt | completion] rows up to float rounding.
-    With a `mesh` the logits stay split over batch and vocabulary through the log-softmax.
+    continuing each prompt's own length) predicts the rest. Values equal a full causal pass over
+    [prompt | completion] rows up to float rounding. With a `mesh` the logits stay split over batch
+    and vocabulary through the log-softmax.
     """
     ptok = jnp.asarray(prompt_tokens_NP, jnp.int32)
     pmask = jnp.asarray(prompt_mask_NP, jnp.int32)
