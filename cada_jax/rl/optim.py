@@ -18,7 +18,7 @@ at update U (the last update, U - 1, still takes a small non-zero step when m = 
 the state donated. ``loss_fn(params, batch, rng, frozen) -> (loss, aux)`` differentiates only with
 respect to ``params`` (the trainable pytree: all weights, or LoRA adapters with the base weights
 passed as ``frozen``). When the loss or the global gradient norm is not finite the update is
-dropped: params and optimizer state come back unchanged (selected with ``jnp.where``, no Python
+dropped: params and optimizer state come back unchanged (a ``lax.cond`` on device, no Python
 control flow), ``metrics["skipped"] = 1``, and ``state.step`` still advances (it counts batches
 consumed, so a resumed run stays aligned with its data). The per-step key, when ``rng`` is not
 given, is ``fold_in(state.rng, state.step)``: a resumed run draws the same keys.
@@ -132,14 +132,18 @@ def make_train_step(loss_fn: Callable, *, donate: bool = True, out_shardings: An
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, frozen)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Zero non-finite grads before the update so no NaN is computed on the taken path; the
-        # whole update is then discarded anyway when `ok` is False.
-        safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
-        updates, new_opt = state.tx.update(safe_grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        params = jax.tree.map(keep, new_params, state.params)
-        opt_state = jax.tree.map(keep, new_opt, state.opt_state)
+
+        def apply(operand):
+            grads, opt_state, params = operand
+            updates, new_opt = state.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        def skip(operand):
+            return operand[2], operand[1]
+
+        # A branch, not a select: a skipped step computes nothing from the non-finite grads, and a
+        # taken one costs no extra pass over params and optimizer state.
+        params, opt_state = jax.lax.cond(ok, apply, skip, (grads, state.opt_state, state.params))
         metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.int32)}
         for k, v in (aux or {}).items():
             metrics[k] = v
