@@ -9,7 +9,9 @@ roofline_frac is measured on the GPU (torch sum over a 1 GiB f32 tensor) and the
 engine's peak GPU memory. Run it with XLA_PYTHON_CLIENT_PREALLOCATE=false so both fit.
 
 SmolLM2-135M-Instruct, f32 weights, temperature 1.0, no top-k/top-p, EOS ignored so every
-sequence makes exactly --new-tokens tokens. The two engines run alternately in one process after
+sequence makes exactly --new-tokens tokens. The prompts go through the chat template, so they open
+with the same system turn; the sampler prefills that shared prefix once (`shared_prefix` in the
+JSON) unless --no-share-prefix. Both engines' times cover the whole `generate` call, prefill included. The two engines run alternately in one process after
 a warm-up; the median of --runs runs each is reported. The last line is JSON.
 
 roofline_frac = measured tokens/s / (batch * bandwidth / weight_bytes): the rate a decode bound by
@@ -78,6 +80,8 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers side")
     ap.add_argument("--cache-dtype", default=None)
+    ap.add_argument("--no-share-prefix", action="store_true",
+                    help="prefill every prompt whole (SamplingParams.share_prefix=False), as transformers does")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the transformers model runs (default cpu); cada_jax uses jax's default backend")
     args = ap.parse_args(argv)
@@ -96,7 +100,8 @@ def main(argv=None):
     tok = Tokenizer(model_dir)
     prompts = [PROMPTS[i % len(PROMPTS)] + f" (request {i})" for i in range(args.batch)]
     sampler = Sampler(cfg, tok)
-    sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True, cache_dtype=args.cache_dtype)
+    sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True, cache_dtype=args.cache_dtype,
+                        share_prefix=not args.no_share_prefix)
     t0 = time.perf_counter()
     sampler.generate(params, prompts, sp)  # warm-up and compile
     compile_s = time.perf_counter() - t0
@@ -152,6 +157,8 @@ def main(argv=None):
         "cada_ms_per_step": round(1000 * statistics.median(cada_times) / args.new_tokens, 2),
         "hf_ms_per_step": round(1000 * statistics.median(hf_times) / args.new_tokens, 2) if hf_times else None,
         "prefill_s": round(statistics.median(s["prefill_s"] for s in splits), 4),
+        "decode_ms_per_step": round(1000 * statistics.median(s["decode_s"] / s["decode_steps"] for s in splits), 2),
+        "shared_prefix": splits[-1]["shared_prefix"],
         "compile_s": round(compile_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "runs": args.runs,

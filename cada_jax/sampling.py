@@ -4,6 +4,9 @@
   of programs compile; explicit positions and masks keep padding out of RoPE and attention.
 - One prefill per prompt; for `n` samples per prompt the prefilled cache is repeated n times
   on device (a GRPO group shares its prefill).
+- Prompts that open with the same tokens (a chat template's system turn, a shared instruction)
+  share that prefix's prefill: it runs once at batch 1, its cache is broadcast to every row, and
+  only each prompt's own suffix is prefilled per row (`SamplingParams.share_prefix`).
 - The decode loop is a `lax.while_loop` whose carry holds the cache (updated in place with
   dynamic_update_slice), the last logits, the output buffers and the done flags; it exits as
   soon as every sequence has finished. With stop strings, the loop runs in chunks and the host
@@ -27,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cada_jax.models.config import ModelConfig
-from cada_jax.models.decoder import forward, init_cache, split_layers
+from cada_jax.models.decoder import forward, init_cache, rope_tables, split_layers
 from cada_jax.sharding import shard_params, to_host
-from cada_jax.tokenizer import Tokenizer, bucket
+from cada_jax.tokenizer import Tokenizer, bucket, length_bucket
 
 
 class SamplingError(ValueError):
@@ -50,6 +53,7 @@ class SamplingParams:
     cache_dtype: str | None = None  # "float32" | "bfloat16"; None = the model's compute dtype
     truncate_prompt: str = "error"  # "error" | "left": what to do with prompts that do not fit
     stop_check_every: int = 32  # decode steps between host-side stop-string checks
+    share_prefix: bool = True  # prefill the prompts' common leading tokens once (see `shared_prefix_len`)
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -104,13 +108,54 @@ class SampleOutput:
 # --------------------------------------------------------------------------- device programs
 
 
-def _prefill(params, tokens_BP, mask_BP, *, cfg: ModelConfig, slots: int, cache_dtype: str, unroll: bool):
-    positions = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
+PREFIX_MULTIPLE = 8  # shared prefixes are cut to a multiple of this (few distinct programs)
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a second prefill pass
+
+
+def shared_prefix_len(ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares, as the sampler uses them: cut down to a
+    multiple of PREFIX_MULTIPLE, leaving every prompt at least one token of its own (the last
+    position's logits come from the per-row pass), and 0 when under MIN_SHARED_PREFIX or for a
+    single prompt."""
+    if len(ids) < 2:
+        return 0
+    first, n = ids[0], min(len(p) for p in ids) - 1
+    common = 0
+    while common < n and all(p[common] == first[common] for p in ids):
+        common += 1
+    common -= common % PREFIX_MULTIPLE
+    return common if common >= MIN_SHARED_PREFIX else 0
+
+
+def _prefill(params, tokens_BP, mask_BP, prefix_1p=None, *, cfg: ModelConfig, slots: int, cache_dtype: str,
+             unroll: bool):
+    """Prefill the cache; returns (last logits [B, V], cache, next position [B]).
+
+    Without `prefix_1p` the left-padded prompts fill slots [0, P). With it, the shared prefix
+    [1, p] is run once into slots [0, p), that cache is broadcast to the B rows, and the
+    left-padded suffixes fill slots [p, p + P) at positions p, p + 1, ... (the padding between
+    prefix and suffix is masked out and takes no position).
+    """
+    B = tokens_BP.shape[0]
     if unroll:
         params = split_layers(params, cfg)
-    cache = init_cache(cfg, tokens_BP.shape[0], slots, cache_dtype, per_layer=unroll)
+    if prefix_1p is None:
+        cache = init_cache(cfg, B, slots, cache_dtype, per_layer=unroll)
+        offset = 0
+    else:
+        p = prefix_1p.shape[1]
+        one = init_cache(cfg, 1, slots, cache_dtype, per_layer=unroll)
+        positions_1p = jnp.arange(p, dtype=jnp.int32)[None]
+        _, one = forward(params, prefix_1p, positions_1p, jnp.ones_like(prefix_1p), one, cfg=cfg, last_only=True)
+
+        def rows(x):
+            return tuple(rows(a) for a in x) if isinstance(x, tuple) else jnp.repeat(x, B, axis=1 if x.ndim == 5 else 0)
+
+        cache = {"k": rows(one["k"]), "v": rows(one["v"]), "mask": rows(one["mask"]), "index": one["index"]}
+        offset = p
+    positions = offset + jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0)
     logits, cache = forward(params, tokens_BP, positions, mask_BP, cache, cfg=cfg, last_only=True)
-    next_pos_B = jnp.sum(mask_BP, axis=1).astype(jnp.int32)
+    next_pos_B = offset + jnp.sum(mask_BP, axis=1).astype(jnp.int32)
     return logits[:, -1, :], cache, next_pos_B
 
 
@@ -135,21 +180,37 @@ def _filter_logits(logits_BV, temperature, top_k: int, use_top_p: bool, top_p):
     return x
 
 
-def _categorical(keys_S, logits_SV):
-    """One categorical draw per row by inverting the CDF with a single uniform per row.
+def _categorical(keys_S, weights_SV, block: int = 256):
+    """One categorical draw per row, with probabilities proportional to `weights_SV` (>= 0).
 
-    Exact like Gumbel-max, but needs S random numbers per step instead of S x V, which on CPU is
-    the difference between ~0.5 ms and ~15 ms per step for a 49k vocabulary.
+    Inverts the CDF with a single uniform per row, which is exact like Gumbel-max but needs S
+    random numbers per step instead of S x V (on CPU ~0.5 ms against ~15 ms per step for a 49k
+    vocabulary). The CDF is searched in two levels: the row is cut into blocks of `block`
+    weights, a cumulative sum over the block totals picks the block, and a cumulative sum inside
+    that one block picks the token. A full-vocabulary cumulative sum is the slowest op XLA:CPU
+    runs per token (a reduce-window); block totals are one cheap reduction. A token of weight 0
+    is never drawn.
     """
-    probs = jax.nn.softmax(logits_SV.astype(jnp.float32), axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 1e-7, 1.0))(keys_S) * cdf[:, -1]
-    tok = jnp.sum(cdf < u[:, None], axis=-1)
-    return jnp.minimum(tok, logits_SV.shape[-1] - 1).astype(jnp.int32)
+    S, V = weights_SV.shape
+    w = weights_SV.astype(jnp.float32)
+    nb = -(-V // block)
+    if nb * block != V:
+        w = jnp.pad(w, ((0, 0), (0, nb * block - V)))
+    w = w.reshape(S, nb, block)
+    totals = jnp.sum(w, axis=-1)  # [S, nb]
+    cum = jnp.cumsum(totals, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 1e-7, 1.0))(keys_S) * cum[:, -1]
+    j = jnp.minimum(jnp.sum(cum < u[:, None], axis=-1), nb - 1)  # first block whose cum reaches u
+    before = jnp.take_along_axis(jnp.pad(cum, ((0, 0), (1, 0)))[:, :-1], j[:, None], axis=-1)[:, 0]
+    inner = jnp.take_along_axis(w, j[:, None, None], axis=1)[:, 0]  # [S, block]
+    inner_cum = jnp.cumsum(inner, axis=-1)
+    rest = jnp.minimum(u - before, inner_cum[:, -1])
+    i = jnp.minimum(jnp.sum(inner_cum < rest[:, None], axis=-1), block - 1)
+    return (j * block + i).astype(jnp.int32)
 
 
 def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: int, max_new: int,
-            greedy: bool, top_k: int, use_top_p: bool, unroll: bool):
+            greedy: bool, top_k: int, use_top_p: bool, unroll: bool, unit_temperature: bool = False):
     """Run up to `steps` decode steps (or until all sequences are done) from `state`."""
     eos = jnp.asarray(eos_ids, jnp.int32)
     start = state["step"]
@@ -157,20 +218,35 @@ def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: i
     # the stacked arrays on every step: see decoder._forward_unrolled.
     if unroll:
         params = split_layers(params, cfg)
+    # RoPE tables for every position a new token can take (< cache slots), built once per call;
+    # each step gathers its rows.
+    cos_SH, sin_SH = (t[0] for t in rope_tables(cfg, jnp.arange(state["cache"]["mask"].shape[1])[None]))
 
     def cond(s):
         return (s["step"] < jnp.minimum(start + steps, max_new)) & ~jnp.all(s["done"])
 
     def body(s):
         logits = s["logits"]
-        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        # One max and one exp pass over the vocabulary give both the draw and the sampled token's
+        # log-prob under the unmodified distribution (log-softmax of the raw logits).
+        m = jnp.max(logits, axis=-1, keepdims=True)
         if greedy:
             tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
         else:
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_S, s["step"])
-            filtered = _filter_logits(logits, temperature, top_k, use_top_p, top_p)
-            tok = _categorical(step_keys, filtered)
-        tok_logp = jnp.take_along_axis(logp_all, tok[:, None], axis=-1)[:, 0]
+            if top_k > 0 or use_top_p:
+                lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
+                filtered = _filter_logits(logits, temperature, top_k, use_top_p, top_p)
+                weights = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
+            elif unit_temperature:
+                weights = jnp.exp(logits - m)
+                lse = m[:, 0] + jnp.log(jnp.sum(weights, axis=-1))
+            else:
+                weights = jnp.exp((logits - m) / jnp.maximum(temperature, 1e-6))
+                lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
+            tok = _categorical(step_keys, weights)
+        tok_logp = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - lse
         live = ~s["done"]
         tok = jnp.where(live, tok, 0)
         t = s["step"]
@@ -179,8 +255,9 @@ def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: i
         hit_eos = jnp.any(tok[:, None] == eos[None, :], axis=-1) & live
         lengths = s["lengths"] + live.astype(jnp.int32)
         done = s["done"] | hit_eos
+        rope = (jnp.take(cos_SH, s["pos"], axis=0)[:, None], jnp.take(sin_SH, s["pos"], axis=0)[:, None])
         logits, cache = forward(
-            params, tok[:, None], s["pos"][:, None], live[:, None].astype(jnp.int32), s["cache"], cfg=cfg
+            params, tok[:, None], s["pos"][:, None], live[:, None].astype(jnp.int32), s["cache"], cfg=cfg, rope=rope
         )
         return {
             "step": t + 1,
@@ -245,7 +322,7 @@ class Sampler:
         self._prefill = jax.jit(_prefill, static_argnames=("cfg", "slots", "cache_dtype", "unroll"))
         self._decode = jax.jit(
             _decode,
-            static_argnames=("cfg", "steps", "max_new", "greedy", "top_k", "use_top_p", "unroll"),
+            static_argnames=("cfg", "steps", "max_new", "greedy", "top_k", "use_top_p", "unroll", "unit_temperature"),
             donate_argnums=(1,),
         )
 
@@ -291,20 +368,27 @@ class Sampler:
                     )
         B = len(ids)
         Bp = bucket(B, self.batch_buckets)
-        P = min(bucket(max(len(p) for p in ids), self.length_buckets, minimum=16), budget)
-        tokens, mask = self.tokenizer.pad(ids, side="left", length=P, batch=Bp)
+        shared = shared_prefix_len(ids) if sp.share_prefix else 0
+        longest = max(len(p) for p in ids) - shared
+        if self.length_buckets:
+            P = min(bucket(longest, self.length_buckets, minimum=16), budget - shared)
+        else:
+            P = min(length_bucket(longest), budget - shared)
+        tokens, mask = self.tokenizer.pad([p[shared:] for p in ids], side="left", length=P, batch=Bp)
         valid = np.arange(Bp) < B
-        slots = P + sp.max_new_tokens
+        slots = shared + P + sp.max_new_tokens
         cache_dtype = sp.cache_dtype or self.cfg.dtype
         tokens, mask = self._place(tokens), self._place(mask)
+        prefix = jnp.asarray(np.asarray(ids[0][:shared], np.int32)[None]) if shared else None
         multi = jax.process_count() > 1
         # Host values that every process holds alike enter the programs as numpy (replicated) when
         # the mesh spans processes; a process-local jax.Array cannot.
         host_arg = np.asarray if multi else (lambda x: x)
 
-        last, cache, next_pos = self._prefill(params, tokens, mask, cfg=self.cfg, slots=slots, cache_dtype=cache_dtype,
-                                              unroll=self.unroll_layers)
+        last, cache, next_pos = self._prefill(params, tokens, mask, host_arg(prefix) if shared else None, cfg=self.cfg,
+                                              slots=slots, cache_dtype=cache_dtype, unroll=self.unroll_layers)
         self.stats["prefill_calls"] += 1
+        jax.block_until_ready(last)  # so prefill_s / decode_s time what they name (dispatch is async)
         state = _start_state(last, cache, next_pos, valid if multi else jnp.asarray(valid), n=sp.n,
                              max_new=sp.max_new_tokens)
         t_prefill = time.perf_counter()
@@ -321,7 +405,7 @@ class Sampler:
             state = self._decode(
                 params, state, keys, eos, host_arg(jnp.float32(sp.temperature)), host_arg(jnp.float32(sp.top_p)), cfg=self.cfg,
                 steps=chunk, max_new=sp.max_new_tokens, greedy=greedy, top_k=int(sp.top_k), use_top_p=sp.top_p < 1.0,
-                unroll=self.unroll_layers,
+                unroll=self.unroll_layers, unit_temperature=sp.temperature == 1.0,
             )
             self.stats["decode_calls"] += 1
             step = int(to_host(state["step"]))
@@ -368,6 +452,7 @@ class Sampler:
             "decode_s": t_decode - t_prefill,
             "total_s": time.perf_counter() - t0,
             "decode_steps": int(to_host(state["step"])),
+            "shared_prefix": shared,  # leading prompt tokens prefilled once for the whole batch
         }
         return SampleOutput(ids, out_ids, out_lp, texts, reasons, sp.n, timings)
 

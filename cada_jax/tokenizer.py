@@ -31,6 +31,20 @@ def bucket(n: int, buckets: Sequence[int] | None = None, *, minimum: int = 1) ->
     return b
 
 
+def length_bucket(n: int, minimum: int = 16) -> int:
+    """Smallest of minimum * {1, 1.5, 2, 3, 4, 6, 8, ...} (powers of two and their midpoints) >= n.
+
+    At most a third of a row is padding, and a run compiles few update programs (a few prompt
+    buckets times a few completion buckets)."""
+    b = int(minimum)
+    while True:
+        if b >= n:
+            return b
+        if b + b // 2 >= n:
+            return b + b // 2
+        b *= 2
+
+
 class Tokenizer:
     def __init__(self, model_dir: str, backend: str = "hf"):
         self.model_dir = model_dir

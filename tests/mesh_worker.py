@@ -204,6 +204,10 @@ def _rel_delta_err(p0, p_a, p_b) -> float:
 # ----------------------------------------------------------------------------- sampling on the mesh
 
 SAMPLING_PROMPTS = [f"the {w} in the hat" * (i % 3 + 1) for i, w in enumerate("abcdefgh")]
+# The same requests behind a common preamble: the sampler prefills it once and broadcasts the cache.
+PREAMBLE = "a cat and a hat sat in the house of the cat " * 3
+SHARED_PROMPTS = [PREAMBLE + p for p in SAMPLING_PROMPTS]
+PROMPTS_BY_MESH = {"d1f4t2": SAMPLING_PROMPTS, "d2f2t2": SHARED_PROMPTS}
 
 
 class _HostTensor:
@@ -297,9 +301,12 @@ def sampling_on_meshes(mesh_cfgs, max_new_tokens: int = 16) -> dict:
         tok = Tokenizer(d)
         params, cfg = load_params(d)
         out["vocab_size"] = cfg.vocab_size
-        ref = Sampler(cfg, tok).generate(params, SAMPLING_PROMPTS, sp)
-        out["ref_ids"] = ref.completion_ids
-        out["ref_reasons"] = ref.finish_reasons
+        refs = {}
+        for name, prompts in (("ref", SAMPLING_PROMPTS), ("shared_ref", SHARED_PROMPTS)):
+            refs[name] = Sampler(cfg, tok).generate(params, prompts, sp)
+            out[f"{name}_ids"] = refs[name].completion_ids
+            out[f"{name}_reasons"] = refs[name].finish_reasons
+            out[f"{name}_shared_prefix"] = refs[name].timings["shared_prefix"]
         for mc in mesh_cfgs:
             key = f"d{mc.data}f{mc.fsdp}t{mc.tensor}"
             mesh = make_mesh(mc)
@@ -309,10 +316,10 @@ def sampling_on_meshes(mesh_cfgs, max_new_tokens: int = 16) -> dict:
             seen: dict = {}
             prefill, decode = sampler._prefill, sampler._decode
 
-            def rec_prefill(params, tokens, mask, **kw):
+            def rec_prefill(params, tokens, mask, *a, **kw):
                 seen["tokens"] = tokens.sharding
                 seen["tokens_shape"] = tokens.shape
-                last, cache, nxt = prefill(params, tokens, mask, **kw)
+                last, cache, nxt = prefill(params, tokens, mask, *a, **kw)
                 seen["prefill_k"], seen["prefill_k_shape"] = cache["k"][0].sharding, cache["k"][0].shape
                 return last, cache, nxt
 
@@ -322,7 +329,10 @@ def sampling_on_meshes(mesh_cfgs, max_new_tokens: int = 16) -> dict:
                 return state
 
             sampler._prefill, sampler._decode = rec_prefill, rec_decode
-            got = sampler.generate(sparams, SAMPLING_PROMPTS, sp)
+            prompts = PROMPTS_BY_MESH[key]
+            ref = refs["ref" if prompts is SAMPLING_PROMPTS else "shared_ref"]
+            got = sampler.generate(sparams, prompts, sp)
+            out[f"{key}_shared_prefix"] = got.timings["shared_prefix"]
             out[f"{key}_ids"] = got.completion_ids
             out[f"{key}_reasons"] = got.finish_reasons
             out[f"{key}_logp_maxdiff"] = max(

@@ -1,6 +1,9 @@
 """The sampler against transformers `generate` and against a full forward pass."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -167,3 +170,66 @@ def test_scanned_and_unrolled_decode_paths_agree(tiny):
     assert a.completion_ids == b.completion_ids
     for x, y in zip(a.logprobs, b.logprobs):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_shared_prefix_len_table():
+    from cada_jax.sampling import shared_prefix_len
+
+    base = list(range(100, 140))
+    # (prompts, expected): cut to a multiple of 8, >= 16, each prompt keeps >= 1 own token
+    table = [
+        ([base[:30] + [1], base[:30] + [2, 3]], 24),  # 30 common -> 24
+        ([base[:24] + [1], base[:24] + [2]], 24),  # exactly 24 common
+        ([base[:24], base[:24] + [2]], 16),  # the shorter prompt is all prefix: 23 usable -> 16
+        ([base[:15] + [1], base[:15] + [2]], 0),  # under 16
+        ([base[:30] + [1]], 0),  # a single prompt has nothing to share
+        ([base[:20] + [1], base[:20] + [2], base[:9] + [7] * 20], 0),  # the third differs at 9
+    ]
+    for prompts, expected in table:
+        assert shared_prefix_len(prompts) == expected, prompts
+
+
+def test_shared_prefix_prefill_equals_per_row_prefill(tiny):
+    """Prompts with a common chat preamble: the prefix prefilled once and broadcast gives the same
+    samples (same seed) and the same log-probs as prefilling every row whole."""
+    params, cfg, tok, sampler = tiny
+    preamble = "the cat sat in the hat and the hat sat on the cat " * 2
+    prompts = [preamble + "a", preamble + "in the house of", preamble + "hat"]
+    ids = sampler.encode_prompts(prompts)
+    assert len(ids[0]) > 24
+    for sp in (SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True),
+               SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=4, ignore_eos=True)):
+        shared = sampler.generate(params, prompts, sp)
+        whole = sampler.generate(params, prompts, dataclasses.replace(sp, share_prefix=False))
+        assert shared.timings["shared_prefix"] >= 16 and whole.timings["shared_prefix"] == 0
+        assert shared.completion_ids == whole.completion_ids
+        for a, b in zip(shared.logprobs, whole.logprobs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    # and against a full forward pass over [prompt | completion] (positions after the padding gap)
+    for i, (c, lp) in enumerate(zip(shared.completion_ids, shared.logprobs)):
+        seq = np.array([ids[i // 2] + c], np.int32)
+        mask = np.ones_like(seq)
+        logits = np.asarray(forward_jit(params, seq, positions_from_mask(mask), mask, cfg=cfg)[0])[0]
+        ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))[np.arange(len(c)) + len(ids[i // 2]) - 1, c]
+        np.testing.assert_allclose(lp, ref, atol=1e-4)
+
+
+def test_categorical_matches_inverse_cdf_and_frequencies():
+    """The two-level CDF search against a flat numpy inverse CDF on the same uniforms, and the
+    drawn frequencies against the weights; zero weights are never drawn (V not a block multiple)."""
+    from cada_jax.sampling import _categorical
+
+    rng = np.random.default_rng(0)
+    V, S = 1000, 20000
+    w = rng.exponential(size=V).astype(np.float32) ** 3
+    w[rng.choice(V, 300, replace=False)] = 0.0
+    keys = jax.random.split(jax.random.PRNGKey(1), S)
+    toks = np.asarray(jax.jit(_categorical)(keys, jnp.broadcast_to(jnp.asarray(w), (S, V))))
+    assert w[toks].min() > 0
+    u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 1e-7, 1.0))(keys), np.float64)
+    cdf = np.cumsum(w.astype(np.float64))
+    ref = np.minimum(np.searchsorted(cdf, u * cdf[-1]), V - 1)
+    assert np.mean(toks == ref) > 0.999
+    freq = np.bincount(toks, minlength=V) / S
+    p = w / w.sum()
+    assert 0.5 * np.abs(freq - p).sum() < 0.06  # total variation; multinomial noise alone is ~0.04 here

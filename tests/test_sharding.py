@@ -338,9 +338,13 @@ def test_greedy_sampling_on_the_mesh_gives_the_same_tokens(mesh8):
     assert len(ref) == 8 and all(len(c) == 16 for c in ref)
     assert len({tuple(c) for c in ref}) == 8
     assert len({t for c in ref for t in c}) >= 20
-    for key in ("d1f4t2", "d2f2t2"):
-        assert s[f"{key}_ids"] == ref, key
-        assert s[f"{key}_reasons"] == s["ref_reasons"], key
+    # d2f2t2 samples the requests behind a common preamble, prefilled once and broadcast
+    assert s["ref_shared_prefix"] == 0 and s["shared_ref_shared_prefix"] >= 16
+    assert s["d1f4t2_shared_prefix"] == 0 and s["d2f2t2_shared_prefix"] == s["shared_ref_shared_prefix"]
+    assert len({tuple(c) for c in s["shared_ref_ids"]}) >= 4  # not degenerate either
+    for key, name in (("d1f4t2", "ref"), ("d2f2t2", "shared_ref")):
+        assert s[f"{key}_ids"] == s[f"{name}_ids"], key
+        assert s[f"{key}_reasons"] == s[f"{name}_reasons"], key
         assert s[f"{key}_logp_maxdiff"] < 1e-4, key
         # the params passed in are used in place: not donated, not re-laid-out; only norms whole
         assert s[f"{key}_params_kept"] is True, key

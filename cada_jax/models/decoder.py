@@ -210,12 +210,12 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv=None, index=0, last_only=False):
+    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv=None, index=0, last_only=False, rope=None):
         cfg = self.cfg
         dt = _dt(cfg.dtype)
         embedding = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
         x = jnp.take(embedding, tokens_BT, axis=0).astype(dt)
-        cos, sin = rope_tables(cfg, positions_BT)
+        cos, sin = rope_tables(cfg, positions_BT) if rope is None else rope
 
         layer_cls = DecoderLayer
         if cfg.remat != "none":
@@ -257,7 +257,8 @@ def _logits(cfg: ModelConfig, x_BTD, embedding_VD, head_DV=None):
     return logits.astype(jnp.float32).reshape(B, T, -1)
 
 
-def _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg: ModelConfig, last_only: bool = False):
+def _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg: ModelConfig, last_only: bool = False,
+                      rope=None):
     """The same network as `Decoder`, with the layer loop unrolled over per-layer parameters.
 
     Used by the sampler: a scanned layer loop slices every layer's weights out of the stacked
@@ -266,7 +267,7 @@ def _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg:
     and per-layer cache buffers, a decode step reads each weight once and copies nothing.
     """
     x = jnp.take(params["embed"], tokens_BT, axis=0).astype(_dt(cfg.dtype))
-    cos, sin = rope_tables(cfg, positions_BT)
+    cos, sin = rope_tables(cfg, positions_BT) if rope is None else rope
     layer = DecoderLayer(cfg)
     new_k, new_v = [], []
     for i, lp in enumerate(params["layers"]):
@@ -334,7 +335,7 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype: str | None = Non
 
 
 def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | None = None, *, cfg: ModelConfig,
-            last_only: bool = False):
+            last_only: bool = False, rope=None):
     """Logits [B,T,V] (f32) for `tokens_BT` and the updated cache (None without one).
 
     `last_only=True` computes the logits of the last position only ([B,1,V]): a prefill needs no
@@ -344,6 +345,11 @@ def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | N
     positions (with left padding: cumulative count of real tokens minus one). Without a cache,
     attention is causal over the T tokens. With a cache, the T tokens are written to slots
     [index, index+T) and attend to every valid slot up to their own.
+
+    `rope` optionally gives the rotary tables (cos, sin) `[B, T, head_dim]` for `positions_BT`,
+    precomputed by the caller (see `rope_tables`); the sampler's decode loop looks them up in a
+    table built once outside the loop, so XLA cannot fuse cos/sin into every layer and recompute
+    them there (twice per layer per step).
     """
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     positions_BT = jnp.asarray(positions_BT, jnp.int32)
@@ -355,8 +361,8 @@ def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | N
         causal_TS = jnp.tril(jnp.ones((T, T), bool))
         mask_BTS = causal_TS[None] & valid_BT[:, None, :]
         if unrolled:
-            return _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, None, 0, cfg, last_only)[0], None
-        logits, _ = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, last_only=last_only)
+            return _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, None, 0, cfg, last_only, rope)[0], None
+        logits, _ = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, last_only=last_only, rope=rope)
         return logits, None
     index = cache["index"]
     S = cache["mask"].shape[1]
@@ -368,9 +374,10 @@ def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | N
     if unrolled != isinstance(cache["k"], (tuple, list)):
         raise ValueError("per-layer params (split_layers) need a per-layer cache (init_cache(per_layer=True)) and vice versa")
     if unrolled:
-        logits, (k, v) = _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg, last_only)
+        logits, (k, v) = _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg, last_only, rope)
     else:
-        logits, (k, v) = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, kv, index, last_only=last_only)
+        logits, (k, v) = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, kv, index, last_only=last_only,
+                                     rope=rope)
     return logits, {"k": k, "v": v, "mask": slot_mask_BS, "index": index + T}
 
 

@@ -93,6 +93,7 @@ from cada_jax.sharding import (
     shard_params,
     to_host,
 )
+from cada_jax.tokenizer import length_bucket
 
 __all__ = [
     "RLDataError",
@@ -172,20 +173,6 @@ def _prompt_text(prompt) -> str:
 
 
 # ----------------------------------------------------------------------------- pure pieces
-
-
-def length_bucket(n: int, minimum: int = 16) -> int:
-    """Smallest of minimum * {1, 1.5, 2, 3, 4, 6, 8, ...} (powers of two and their midpoints) >= n.
-
-    At most a third of a row is padding, and a run compiles few update programs (a few prompt
-    buckets times a few completion buckets)."""
-    b = int(minimum)
-    while True:
-        if b >= n:
-            return b
-        if b + b // 2 >= n:
-            return b + b // 2
-        b *= 2
 
 
 def build_update_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
