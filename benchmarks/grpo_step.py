@@ -1,6 +1,7 @@
 """One end-to-end GRPO step (sampling + reference log-probs + one update): cada_jax vs TRL GRPOTrainer.
 
-    python benchmarks/grpo_step.py [--steps 3] [--prompts 4] [--group 4] [--new-tokens 64] [--no-trl] [--device cuda]
+    python benchmarks/grpo_step.py [--steps 3] [--prompts 4] [--group 4] [--new-tokens 64] [--no-trl]
+                                   [--interleave [--same-process]] [--device cuda]
 
 --device cuda runs TRL on the GPU (use_cpu=False; cada_jax uses jax's default backend either way),
 synchronizes CUDA at the end of each TRL step and adds each engine's peak GPU memory to the JSON.
@@ -15,20 +16,16 @@ which TRL calls unchanged with its `completion_ids` and the `target_id` dataset 
 
 Step time = wall clock of one full step (cada: `GRPOTrainer.train_step`; TRL: on_step_begin ->
 on_step_end, which encloses generation, rewards, reference log-probs, backward and the optimizer).
-One warm-up step each (compilation), then the median of --steps steps. The engines are
-interleaved in this process: after each TRL step (outside its timed region) one cada step runs,
-so both see the same machine load; the load average is printed with every step. TRL's own phase
-timers (generation, log-probs, ...) are collected too. The last line is JSON:
+One warm-up step each (compilation), then the median of --steps steps. By default the engines run
+one after the other in the same run: cada's steps here, then TRL's in a child process. With
+--interleave they alternate (one TRL step, then one cada step while TRL waits, ...), so both see the
+same background load, but on this VM whichever engine runs right after the other's training steps
+is slowed: cada's update took 7.8-8.5 s per step alone, after 25 s idle or after 25 s of numpy
+matmuls, and 10-12 s right after torch training steps (in the same process or in another one; not
+from spinning threads). --same-process puts the interleaved TRL in this process. The load average is
+printed with every step, and TRL's own phase timers (generation, log-probs, ...) are collected. The
+last line is JSON:
 {cada_step_s, trl_step_s, ratio = trl / cada, cada_sampling_s, cada_reference_s, cada_update_s, ...}.
-
-Measured on the 2-core AMD EPYC dev VM (AVX-512), shared with other jobs (load average 2-4):
-cada 19.2 s/step (sampling 5.9, reference 2.4, update 10.9), TRL 32.9 s/step, ratio 1.71; an
-earlier run at higher load gave ratio 3.07 (cada 35.9 s, TRL 110 s). In the quietest pairs TRL
-takes 24-27 s against cada's 17.6-19.1 s (ratio 1.4): TRL's generation slows down most under CPU
-contention (10 s -> 100-200 s), so the ratio depends on the load. Floor: a step is ~1.65 TFLOP
-(prompts run once per group), ~9 s at the ~190 GFLOP/s this VM's XLA matmuls reach; the update's
-backward runs at ~3x the forward's time, against ~2x in FLOPs (the decoder's 3-D einsum
-formulation: one MLP's gradient takes 134 ms vs 100 ms written as 2-D matmuls on XLA:CPU).
 """
 
 from __future__ import annotations
@@ -75,9 +72,13 @@ def cada_step(trainer, label: str) -> dict:
     return m
 
 
-def run_trl_interleaved(model_dir: str, args, target_id: int, out_dir: str, cada) -> tuple[dict, list[dict]]:
+MARK = "@@grpo_bench@@ "  # prefixes the TRL worker's protocol lines on its stdout
+
+
+def run_trl_interleaved(model_dir: str, args, target_id: int, out_dir: str, cada, turn=None) -> tuple[dict, list[dict]]:
     """TRL's GRPOTrainer for 1 + args.steps steps; after each of its steps (outside the timed
-    region) one cada step runs, when `cada` is given, so both see the same machine load."""
+    region) one cada step runs, when `cada` is given, so both see the same machine load. `turn(i)`,
+    when given, is called there instead (the worker process hands the turn to its parent)."""
     import torch
     import trl.extras.profiling as trl_profiling
     from datasets import Dataset
@@ -112,6 +113,8 @@ def run_trl_interleaved(model_dir: str, args, target_id: int, out_dir: str, cada
                   file=sys.stderr)
             if cada is not None:
                 cada_rows.append(cada_step(cada, f"step (after trl step {len(self.times) - 1})"))
+            if turn is not None:
+                turn(len(self.times) - 1)
 
     n = args.prompts * (args.steps + 1)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "target_id": r["target_id"]}
@@ -140,6 +143,52 @@ def run_trl_interleaved(model_dir: str, args, target_id: int, out_dir: str, cada
     return out, cada_rows
 
 
+def trl_worker(model_dir: str, args, target_id: int, out_dir: str) -> None:
+    """The TRL side in its own process: after each TRL step it prints a STEP line and waits for
+    its parent's go-ahead on stdin, then prints its RESULT line at the end."""
+
+    def turn(i):
+        print(f"{MARK}STEP {i}", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit("the parent benchmark stopped")
+
+    result, _ = run_trl_interleaved(model_dir, args, target_id, out_dir, None, turn)
+    print(f"{MARK}RESULT {json.dumps(result)}", flush=True)
+
+
+def run_trl_in_child(args, cada) -> tuple[dict, list[dict]]:
+    """TRL in a child process. With a `cada` trainer the two alternate: after each TRL step (outside
+    its timed region) the child waits while one cada step runs here. Without one, TRL runs its
+    steps back to back."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--trl-worker", "--steps", str(args.steps), "--prompts",
+           str(args.prompts), "--group", str(args.group), "--new-tokens", str(args.new_tokens), "--model", args.model,
+           "--device", args.device]
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    rows, result = [], None
+    try:
+        for line in child.stdout:
+            if not line.startswith(MARK):
+                sys.stderr.write(line)
+                continue
+            kind, _, rest = line[len(MARK):].strip().partition(" ")
+            if kind == "STEP":
+                if cada is not None:
+                    rows.append(cada_step(cada, f"step (after trl step {rest})"))
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            elif kind == "RESULT":
+                result = json.loads(rest)
+    finally:
+        if child.stdin:
+            child.stdin.close()
+        rc = child.wait()
+    if rc != 0 or result is None:
+        raise SystemExit(f"the TRL worker failed (exit code {rc}); its output is above")
+    return result, rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (median reported)")
@@ -148,6 +197,12 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL side")
+    ap.add_argument("--interleave", action="store_true",
+                    help="alternate TRL steps (in a child process) with cada steps instead of running all cada "
+                         "steps first, then all TRL steps")
+    ap.add_argument("--same-process", action="store_true",
+                    help="with --interleave: run TRL in this process, not in a child")
+    ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where TRL runs (default cpu); cada_jax uses jax's default backend")
     args = ap.parse_args(argv)
@@ -160,6 +215,10 @@ def main(argv=None) -> int:
     model_dir = resolve_model(args.model)
     # the reward's target: the token of " the", common in English completions
     target_id = Tokenizer(model_dir).encode(" the")[0]
+    if args.trl_worker:
+        with tempfile.TemporaryDirectory(prefix="grpo_bench_trl_") as out_dir:
+            trl_worker(model_dir, args, target_id, out_dir)
+        return 0
     load_before = os.getloadavg()[0]
     result: dict = {}
     with tempfile.TemporaryDirectory(prefix="grpo_bench_") as out_dir:
@@ -169,8 +228,15 @@ def main(argv=None) -> int:
         result["cada_warmup_step_s"] = cada_step(cada, "warm-up step")["step_s"]
         if args.no_trl:
             rows = [cada_step(cada, f"step {i + 1}") for i in range(args.steps)]
+        elif not args.interleave:
+            rows = [cada_step(cada, f"step {i + 1}") for i in range(args.steps)]
+            trl_result, _ = run_trl_in_child(args, None)
+            result.update(trl_result)
         else:
-            trl_result, rows = run_trl_interleaved(model_dir, args, target_id, out_dir, cada)
+            if args.same_process:
+                trl_result, rows = run_trl_interleaved(model_dir, args, target_id, out_dir, cada)
+            else:
+                trl_result, rows = run_trl_in_child(args, cada)
             rows = rows[1:]  # the one after TRL's warm-up step is not paired with a timed TRL step
             result.update(trl_result)
         cada.ckpt.close()
@@ -187,7 +253,9 @@ def main(argv=None) -> int:
         if "peak_bytes_in_use" in stats:
             result["cada_peak_gpu_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
         result.update(jax=jax.__version__, jax_backend=jax.default_backend())
-    result.update(load_avg_before=load_before, load_avg_after=os.getloadavg()[0], cpus=os.cpu_count(),
+    result.update(order="cada only" if args.no_trl else ("interleaved" if args.interleave else "cada, then trl"),
+                  trl_process="none" if args.no_trl else ("same" if args.interleave and args.same_process else "child"),
+                  load_avg_before=load_before, load_avg_after=os.getloadavg()[0], cpus=os.cpu_count(),
                   prompts=args.prompts, group=args.group, new_tokens=args.new_tokens, steps=args.steps)
     keys = ["cada_step_s", "trl_step_s", "ratio", "cada_sampling_s", "cada_reference_s", "cada_update_s"]
     ordered = {k: result[k] for k in keys if k in result}
