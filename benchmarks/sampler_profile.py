@@ -28,7 +28,9 @@ def classify(op_name: str) -> str:
         return "attention"
     if any(k in op_name for k in ("/attn/", "/mlp/", "btd,", "dot_general", "btnh", "/jit(dot)")):
         return "matmuls"
-    if any(k in op_name for k in ("log_softmax", "cumsum", "uniform", "argmax", "categorical", "take_along_axis", "fold_in", "random", "top_k", "sort")):
+    sampling_ops = ("log_softmax", "cumsum", "uniform", "argmax", "categorical", "take_along_axis", "fold_in", "random",
+                    "top_k", "sort", "reduce_max", "reduce_sum", "/exp", "/log", "/pad", "/lt")
+    if "DecoderLayer" not in op_name and any(k in op_name for k in sampling_ops):
         return "sampling"
     return "other"
 
@@ -44,7 +46,7 @@ def main(argv=None):
     from cada_jax.checkpoints.gguf_import import resolve_model
     from cada_jax.checkpoints.hf import load_params
     from cada_jax.sampling import Sampler, SamplingParams, _start_state
-    from cada_jax.tokenizer import Tokenizer
+    from cada_jax.tokenizer import Tokenizer, length_bucket
     from benchmarks.sampler import PROMPTS
 
     d = resolve_model(args.model, progress=False)
@@ -52,17 +54,19 @@ def main(argv=None):
     tok = Tokenizer(d)
     sampler = Sampler(cfg, tok)
     prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(args.batch)]
-    sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
+    # whole-prompt prefill, so the decode program lowered below has the shapes generate() uses
+    sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True, share_prefix=False)
     sampler.generate(params, prompts, sp)  # compile
 
     # The decode program's HLO, for op -> op_name.
     ids = sampler.encode_prompts(prompts)
-    tokens, mask = tok.pad(ids, side="left", length=max(16, 1 << (max(map(len, ids)) - 1).bit_length()), batch=args.batch)
+    tokens, mask = tok.pad(ids, side="left", length=length_bucket(max(map(len, ids))), batch=args.batch)
     last, cache, pos = sampler._prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cfg=cfg, slots=tokens.shape[1] + sp.max_new_tokens, cache_dtype=cfg.dtype, unroll=sampler.unroll_layers)
     state = _start_state(last, cache, pos, jnp.ones(args.batch, bool), n=1, max_new=sp.max_new_tokens)
     keys = jax.random.split(jax.random.PRNGKey(0), args.batch)
     text = sampler._decode.lower(params, state, keys, (-1,), jnp.float32(1.0), jnp.float32(1.0), cfg=cfg, steps=sp.max_new_tokens,
-                                 max_new=sp.max_new_tokens, greedy=False, top_k=0, use_top_p=False, unroll=sampler.unroll_layers).compile().as_text()
+                                 max_new=sp.max_new_tokens, greedy=False, top_k=0, use_top_p=False, unroll=sampler.unroll_layers,
+                                 unit_temperature=True).compile().as_text()
     names = {}
     for m in re.finditer(r"%(\S+) = .*?metadata=\{op_name=\"([^\"]+)\"", text):
         names[m.group(1)] = m.group(2)
