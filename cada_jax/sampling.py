@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Sequence
 
@@ -119,10 +120,7 @@ def shared_prefix_len(ids: Sequence[Sequence[int]]) -> int:
     single prompt."""
     if len(ids) < 2:
         return 0
-    first, n = ids[0], min(len(p) for p in ids) - 1
-    common = 0
-    while common < n and all(p[common] == first[common] for p in ids):
-        common += 1
+    common = min(len(os.path.commonprefix([list(p) for p in ids])), min(len(p) for p in ids) - 1)
     common -= common % PREFIX_MULTIPLE
     return common if common >= MIN_SHARED_PREFIX else 0
 
@@ -230,21 +228,19 @@ def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: i
         # One max and one exp pass over the vocabulary give both the draw and the sampled token's
         # log-prob under the unmodified distribution (log-softmax of the raw logits).
         m = jnp.max(logits, axis=-1, keepdims=True)
+        raw = jnp.exp(logits - m)
+        lse = m[:, 0] + jnp.log(jnp.sum(raw, axis=-1))
         if greedy:
             tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
         else:
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_S, s["step"])
             if top_k > 0 or use_top_p:
-                lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
                 filtered = _filter_logits(logits, temperature, top_k, use_top_p, top_p)
                 weights = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
             elif unit_temperature:
-                weights = jnp.exp(logits - m)
-                lse = m[:, 0] + jnp.log(jnp.sum(weights, axis=-1))
+                weights = raw
             else:
                 weights = jnp.exp((logits - m) / jnp.maximum(temperature, 1e-6))
-                lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
             tok = _categorical(step_keys, weights)
         tok_logp = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - lse
         live = ~s["done"]

@@ -207,7 +207,7 @@ SAMPLING_PROMPTS = [f"the {w} in the hat" * (i % 3 + 1) for i, w in enumerate("a
 # The same requests behind a common preamble: the sampler prefills it once and broadcasts the cache.
 PREAMBLE = "a cat and a hat sat in the house of the cat " * 3
 SHARED_PROMPTS = [PREAMBLE + p for p in SAMPLING_PROMPTS]
-PROMPTS_BY_MESH = {"d1f4t2": SAMPLING_PROMPTS, "d2f2t2": SHARED_PROMPTS}
+PROMPT_SET_BY_MESH = {"d1f4t2": "ref", "d2f2t2": "shared_ref"}  # which reference each mesh is checked against
 
 
 class _HostTensor:
@@ -301,8 +301,9 @@ def sampling_on_meshes(mesh_cfgs, max_new_tokens: int = 16) -> dict:
         tok = Tokenizer(d)
         params, cfg = load_params(d)
         out["vocab_size"] = cfg.vocab_size
+        prompt_sets = {"ref": SAMPLING_PROMPTS, "shared_ref": SHARED_PROMPTS}
         refs = {}
-        for name, prompts in (("ref", SAMPLING_PROMPTS), ("shared_ref", SHARED_PROMPTS)):
+        for name, prompts in prompt_sets.items():
             refs[name] = Sampler(cfg, tok).generate(params, prompts, sp)
             out[f"{name}_ids"] = refs[name].completion_ids
             out[f"{name}_reasons"] = refs[name].finish_reasons
@@ -329,9 +330,8 @@ def sampling_on_meshes(mesh_cfgs, max_new_tokens: int = 16) -> dict:
                 return state
 
             sampler._prefill, sampler._decode = rec_prefill, rec_decode
-            prompts = PROMPTS_BY_MESH[key]
-            ref = refs["ref" if prompts is SAMPLING_PROMPTS else "shared_ref"]
-            got = sampler.generate(sparams, prompts, sp)
+            ref = refs[PROMPT_SET_BY_MESH[key]]
+            got = sampler.generate(sparams, prompt_sets[PROMPT_SET_BY_MESH[key]], sp)
             out[f"{key}_shared_prefix"] = got.timings["shared_prefix"]
             out[f"{key}_ids"] = got.completion_ids
             out[f"{key}_reasons"] = got.finish_reasons
