@@ -208,6 +208,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
+    if args.same_process and not args.interleave:
+        raise SystemExit("--same-process only applies with --interleave (the default runs TRL after cada, in a child)")
 
     from cada_jax.checkpoints.gguf_import import resolve_model
     from cada_jax.tokenizer import Tokenizer
