@@ -24,7 +24,7 @@ import numpy as np
 
 
 def classify(op_name: str) -> str:
-    if "/attn/" in op_name and any(k in op_name for k in ("bkgts", "bksh", "softmax", "where", "select", "dynamic_update_slice", "exp", "reduce")):
+    if "/attn/" in op_name and any(k in op_name for k in ("bkgts", "bksh", "bkngs", "softmax", "where", "select", "dynamic_update_slice", "exp", "reduce")):
         return "attention"
     if any(k in op_name for k in ("/attn/", "/mlp/", "btd,", "dot_general", "btnh", "/jit(dot)")):
         return "matmuls"
@@ -45,7 +45,7 @@ def main(argv=None):
 
     from cada_jax.checkpoints.gguf_import import resolve_model
     from cada_jax.checkpoints.hf import load_params
-    from cada_jax.sampling import Sampler, SamplingParams, _start_state
+    from cada_jax.sampling import SLOT_MULTIPLE, Sampler, SamplingParams, _start_state
     from cada_jax.tokenizer import Tokenizer, length_bucket
     from benchmarks.sampler import PROMPTS
 
@@ -61,8 +61,12 @@ def main(argv=None):
     # The decode program's HLO, for op -> op_name.
     ids = sampler.encode_prompts(prompts)
     tokens, mask = tok.pad(ids, side="left", length=length_bucket(max(map(len, ids))), batch=args.batch)
-    last, cache, pos = sampler._prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cfg=cfg, slots=tokens.shape[1] + sp.max_new_tokens, cache_dtype=cfg.dtype, unroll=sampler.unroll_layers)
-    state = _start_state(last, cache, pos, jnp.ones(args.batch, bool), n=1, max_new=sp.max_new_tokens)
+    last, cache, pos = sampler._prefill(params, jnp.asarray(tokens), jnp.asarray(mask), cfg=cfg, cache_dtype=cfg.dtype,
+                                        unroll=sampler.unroll_layers)
+    slots = tokens.shape[1] + sp.max_new_tokens
+    if sampler.unroll_layers:
+        slots = -(-slots // SLOT_MULTIPLE) * SLOT_MULTIPLE
+    state = _start_state(last, cache, pos, jnp.ones(args.batch, bool), n=1, max_new=sp.max_new_tokens, slots=slots)
     keys = jax.random.split(jax.random.PRNGKey(0), args.batch)
     text = sampler._decode.lower(params, state, keys, (-1,), jnp.float32(1.0), jnp.float32(1.0), cfg=cfg, steps=sp.max_new_tokens,
                                  max_new=sp.max_new_tokens, greedy=False, top_k=0, use_top_p=False, unroll=sampler.unroll_layers,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cada_jax.models.config import ModelConfig
-from cada_jax.models.decoder import forward, init_cache, rope_tables, split_layers
+from cada_jax.models.decoder import chunk_keys, forward, init_cache, key_chunk, per_layer_weights, rope_tables, split_layers
 from cada_jax.sharding import shard_params, to_host
 from cada_jax.tokenizer import Tokenizer, bucket, length_bucket
 
@@ -110,6 +110,7 @@ class SampleOutput:
 
 
 PREFIX_MULTIPLE = 8  # shared prefixes are cut to a multiple of this (few distinct programs)
+SLOT_MULTIPLE = 32  # the unrolled decode cache holds a multiple of this many slots (key blocks)
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a second prefill pass
 
 
@@ -125,24 +126,26 @@ def shared_prefix_len(ids: Sequence[Sequence[int]]) -> int:
     return common if common >= MIN_SHARED_PREFIX else 0
 
 
-def _prefill(params, tokens_BP, mask_BP, prefix_1p=None, *, cfg: ModelConfig, slots: int, cache_dtype: str,
-             unroll: bool):
-    """Prefill the cache; returns (last logits [B, V], cache, next position [B]).
+def _prefill(params, tokens_BP, mask_BP, prefix_1p=None, *, cfg: ModelConfig, cache_dtype: str, unroll: bool):
+    """Prefill a cache of exactly the prompt's slots; returns (last logits [B, V], cache, next
+    position [B]). `_start_state` widens the cache to the decode loop's slots.
 
     Without `prefix_1p` the left-padded prompts fill slots [0, P). With it, the shared prefix
     [1, p] is run once into slots [0, p), that cache is broadcast to the B rows, and the
     left-padded suffixes fill slots [p, p + P) at positions p, p + 1, ... (the padding between
-    prefix and suffix is masked out and takes no position).
+    prefix and suffix is masked out and takes no position). The prompt's attention reads only
+    these p + P slots, not the empty ones the decode loop will fill (at B=64 and 128 new tokens
+    that was a third of the prefill).
     """
-    B = tokens_BP.shape[0]
+    B, P = tokens_BP.shape
     if unroll:
         params = split_layers(params, cfg)
     if prefix_1p is None:
-        cache = init_cache(cfg, B, slots, cache_dtype, per_layer=unroll)
+        cache = init_cache(cfg, B, P, cache_dtype, per_layer=unroll)
         offset = 0
     else:
         p = prefix_1p.shape[1]
-        one = init_cache(cfg, 1, slots, cache_dtype, per_layer=unroll)
+        one = init_cache(cfg, 1, p + P, cache_dtype, per_layer=unroll)
         positions_1p = jnp.arange(p, dtype=jnp.int32)[None]
         _, one = forward(params, prefix_1p, positions_1p, jnp.ones_like(prefix_1p), one, cfg=cfg, last_only=True)
 
@@ -155,6 +158,24 @@ def _prefill(params, tokens_BP, mask_BP, prefix_1p=None, *, cfg: ModelConfig, sl
     logits, cache = forward(params, tokens_BP, positions, mask_BP, cache, cfg=cfg, last_only=True)
     next_pos_B = offset + jnp.sum(mask_BP, axis=1).astype(jnp.int32)
     return logits[:, -1, :], cache, next_pos_B
+
+
+def _widen(x, axis: int, slots: int):
+    """Zero-pad the slot axis of a cache buffer to `slots`."""
+    extra = slots - x.shape[axis]
+    if extra < 0:
+        raise ValueError(f"cache buffer {x.shape} has more than {slots} slots on axis {axis}")
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _split_weights(params, cfg):
+    """`split_layers` without the embedding, which a jitted function would return as a copy."""
+    head = jnp.swapaxes(params["lm_head"], 0, 1) if "lm_head" in params else None
+    return per_layer_weights(params["layers"], cfg), head
 
 
 def _expand(x, n, axis):
@@ -179,31 +200,36 @@ def _filter_logits(logits_BV, temperature, top_k: int, use_top_p: bool, top_p):
 
 
 def _categorical(keys_S, weights_SV, block: int = 256):
-    """One categorical draw per row, with probabilities proportional to `weights_SV` (>= 0).
+    """`_categorical_vocab_major` for row-major weights [S, V]."""
+    return _categorical_vocab_major(keys_S, jnp.swapaxes(weights_SV, 0, 1), block)
 
-    Inverts the CDF with a single uniform per row, which is exact like Gumbel-max but needs S
+
+def _categorical_vocab_major(keys_S, weights_VS, block: int = 256):
+    """One categorical draw per column, with probabilities proportional to `weights_VS` (>= 0).
+
+    Inverts the CDF with a single uniform per column, which is exact like Gumbel-max but needs S
     random numbers per step instead of S x V (on CPU ~0.5 ms against ~15 ms per step for a 49k
-    vocabulary). The CDF is searched in two levels: the row is cut into blocks of `block`
+    vocabulary). The CDF is searched in two levels: the vocabulary is cut into blocks of `block`
     weights, a cumulative sum over the block totals picks the block, and a cumulative sum inside
     that one block picks the token. A full-vocabulary cumulative sum is the slowest op XLA:CPU
     runs per token (a reduce-window); block totals are one cheap reduction. A token of weight 0
-    is never drawn.
+    is never drawn. The weights are vocabulary-major ([V, S], the decode loop's logits layout).
     """
-    S, V = weights_SV.shape
-    w = weights_SV.astype(jnp.float32)
+    V, S = weights_VS.shape
+    w = weights_VS.astype(jnp.float32)
     nb = -(-V // block)
     if nb * block != V:
-        w = jnp.pad(w, ((0, 0), (0, nb * block - V)))
-    w = w.reshape(S, nb, block)
-    totals = jnp.sum(w, axis=-1)  # [S, nb]
-    cum = jnp.cumsum(totals, axis=-1)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 1e-7, 1.0))(keys_S) * cum[:, -1]
-    j = jnp.minimum(jnp.sum(cum < u[:, None], axis=-1), nb - 1)  # first block whose cum reaches u
-    before = jnp.take_along_axis(jnp.pad(cum, ((0, 0), (1, 0)))[:, :-1], j[:, None], axis=-1)[:, 0]
-    inner = jnp.take_along_axis(w, j[:, None, None], axis=1)[:, 0]  # [S, block]
-    inner_cum = jnp.cumsum(inner, axis=-1)
-    rest = jnp.minimum(u - before, inner_cum[:, -1])
-    i = jnp.minimum(jnp.sum(inner_cum < rest[:, None], axis=-1), block - 1)
+        w = jnp.pad(w, ((0, nb * block - V), (0, 0)))
+    w = w.reshape(nb, block, S)
+    totals = jnp.sum(w, axis=1)  # [nb, S]
+    cum = jnp.cumsum(totals, axis=0)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 1e-7, 1.0))(keys_S) * cum[-1]
+    j = jnp.minimum(jnp.sum(cum < u[None], axis=0), nb - 1)  # first block whose cum reaches u
+    before = jnp.take_along_axis(jnp.pad(cum, ((1, 0), (0, 0)))[:-1], j[None], axis=0)[0]
+    inner = jnp.take_along_axis(w, j[None, None], axis=0)[0]  # [block, S]
+    inner_cum = jnp.cumsum(inner, axis=0)
+    rest = jnp.minimum(u - before, inner_cum[-1])
+    i = jnp.minimum(jnp.sum(inner_cum < rest[None], axis=0), block - 1)
     return (j * block + i).astype(jnp.int32)
 
 
@@ -224,25 +250,25 @@ def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: i
         return (s["step"] < jnp.minimum(start + steps, max_new)) & ~jnp.all(s["done"])
 
     def body(s):
-        logits = s["logits"]
+        logits = s["logits"]  # [V, S]: vocabulary-major (see decoder._forward_unrolled)
         # One max and one exp pass over the vocabulary give both the draw and the sampled token's
         # log-prob under the unmodified distribution (log-softmax of the raw logits).
-        m = jnp.max(logits, axis=-1, keepdims=True)
+        m = jnp.max(logits, axis=0, keepdims=True)
         raw = jnp.exp(logits - m)
-        lse = m[:, 0] + jnp.log(jnp.sum(raw, axis=-1))
+        lse = m[0] + jnp.log(jnp.sum(raw, axis=0))
         if greedy:
-            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            tok = jnp.argmax(logits, axis=0).astype(jnp.int32)
         else:
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_S, s["step"])
             if top_k > 0 or use_top_p:
-                filtered = _filter_logits(logits, temperature, top_k, use_top_p, top_p)
-                weights = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
+                filtered = _filter_logits(jnp.swapaxes(logits, 0, 1), temperature, top_k, use_top_p, top_p)
+                weights = jnp.swapaxes(jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True)), 0, 1)
             elif unit_temperature:
                 weights = raw
             else:
                 weights = jnp.exp((logits - m) / jnp.maximum(temperature, 1e-6))
-            tok = _categorical(step_keys, weights)
-        tok_logp = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0] - lse
+            tok = _categorical_vocab_major(step_keys, weights)
+        tok_logp = jnp.take_along_axis(logits, tok[None], axis=0)[0] - lse
         live = ~s["done"]
         tok = jnp.where(live, tok, 0)
         t = s["step"]
@@ -253,12 +279,13 @@ def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: i
         done = s["done"] | hit_eos
         rope = (jnp.take(cos_SH, s["pos"], axis=0)[:, None], jnp.take(sin_SH, s["pos"], axis=0)[:, None])
         logits, cache = forward(
-            params, tok[:, None], s["pos"][:, None], live[:, None].astype(jnp.int32), s["cache"], cfg=cfg, rope=rope
+            params, tok[:, None], s["pos"][:, None], live[:, None].astype(jnp.int32), s["cache"], cfg=cfg, rope=rope,
+            vocab_major=unroll,
         )
         return {
             "step": t + 1,
             "cache": cache,
-            "logits": logits[:, 0, :],
+            "logits": logits if unroll else jnp.swapaxes(logits[:, 0, :], 0, 1),
             "pos": s["pos"] + live.astype(jnp.int32),
             "tokens": out_tok,
             "logp": out_lp,
@@ -270,20 +297,31 @@ def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: i
     return jax.lax.while_loop(cond, body, state)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "max_new"))
-def _start_state(last_logits_BV, cache, next_pos_B, valid_B, *, n: int, max_new: int):
+@functools.partial(jax.jit, static_argnames=("n", "max_new", "slots"))
+def _start_state(last_logits_BV, cache, next_pos_B, valid_B, *, n: int, max_new: int, slots: int | None = None):
+    """The decode loop's state after a prefill: each prompt's cache and logits repeated `n`
+    times, the cache widened to `slots` (default: prompt + max_new), logits vocabulary-major
+    [V, S], per-layer keys in blocks of slots (`chunk_keys`)."""
     S = last_logits_BV.shape[0] * n
+    slots = int(slots or cache["mask"].shape[1] + max_new)
+    if isinstance(cache["k"], tuple):
+        # per-layer buffers, batch first (unrolled path): keys [B,K,H,S], values [B,K,S,H]
+        c = key_chunk(slots)
+        keys = tuple(_widen(_expand(k, n, 0), 3, slots) for k in cache["k"])
+        keys = tuple(chunk_keys(k, c) for k in keys) if c else keys
+        values = tuple(_widen(_expand(v, n, 0), 2, slots) for v in cache["v"])
+    else:  # one stacked [L,B,K,S,H] array each
+        keys, values = (_widen(_expand(x, n, 1), 3, slots) for x in (cache["k"], cache["v"]))
     cache = {
-        # per-layer buffers, batch first (unrolled path), or one stacked [L,B,K,S,H] array
-        "k": tuple(_expand(k, n, 0) for k in cache["k"]) if isinstance(cache["k"], tuple) else _expand(cache["k"], n, 1),
-        "v": tuple(_expand(v, n, 0) for v in cache["v"]) if isinstance(cache["v"], tuple) else _expand(cache["v"], n, 1),
-        "mask": _expand(cache["mask"], n, 0),
+        "k": keys,
+        "v": values,
+        "mask": _widen(_expand(cache["mask"], n, 0), 1, slots),
         "index": cache["index"],
     }
     return {
         "step": jnp.zeros((), jnp.int32),
         "cache": cache,
-        "logits": _expand(last_logits_BV, n, 0),
+        "logits": jnp.swapaxes(_expand(last_logits_BV, n, 0), 0, 1),
         "pos": _expand(next_pos_B, n, 0),
         "tokens": jnp.zeros((S, max_new), jnp.int32),
         "logp": jnp.zeros((S, max_new), jnp.float32),
@@ -315,12 +353,38 @@ class Sampler:
         # On GPU/TPU the scan's slices fuse into the matmuls, and splitting would hold the weights
         # twice, so the scanned path with the stacked cache is used there.
         self.unroll_layers = (jax.default_backend() == "cpu") if unroll_layers is None else bool(unroll_layers)
-        self._prefill = jax.jit(_prefill, static_argnames=("cfg", "slots", "cache_dtype", "unroll"))
+        self._prefill = jax.jit(_prefill, static_argnames=("cfg", "cache_dtype", "unroll"))
+        self._split = None  # (ids of the stacked layer arrays, those arrays, per-layer copy)
+        self._split_layers = jax.jit(_split_weights, static_argnames=("cfg",))
         self._decode = jax.jit(
             _decode,
             static_argnames=("cfg", "steps", "max_new", "greedy", "top_k", "use_top_p", "unroll", "unit_temperature"),
             donate_argnums=(1,),
         )
+
+    def decode_params(self, params):
+        """`params` as the programs read them: on the unrolled path, the per-layer [out, in]
+        weight buffers of `split_layers`.
+
+        The copy is kept for the next call with the same arrays (an evaluation loop, a GRPO step's
+        sampling rounds): it is 538 MB for SmolLM2-135M in f32, and making it inside every prefill
+        and decode program cost two fresh copies per `generate`. The entry holds the stacked
+        arrays it was made from, so their ids cannot be reused by other arrays while it lives; it
+        is dropped before a copy of other weights is made, and ignored once they are deleted
+        (donated to an update).
+        """
+        if not self.unroll_layers or isinstance(params["layers"], (tuple, list)):
+            return params
+        leaves = jax.tree.leaves(params)
+        key = tuple(id(x) for x in leaves)
+        if self._split is not None and self._split[0] == key and not any(x.is_deleted() for x in leaves):
+            return self._split[2]
+        self._split = None
+        layers, head = self._split_layers({k: v for k, v in params.items() if k != "embed"}, self.cfg)
+        split = {"embed": params["embed"], "final_norm": params["final_norm"], "layers": layers,
+                 "head_VD": params["embed"] if head is None else head}
+        self._split = (key, leaves, split)
+        return split
 
     # -- prompts -> ids
     def encode_prompts(self, prompts) -> list[list[int]]:
@@ -373,6 +437,8 @@ class Sampler:
         tokens, mask = self.tokenizer.pad([p[shared:] for p in ids], side="left", length=P, batch=Bp)
         valid = np.arange(Bp) < B
         slots = shared + P + sp.max_new_tokens
+        if self.unroll_layers:  # whole blocks of keys for the decode loop (see decoder.chunk_keys)
+            slots = -(-slots // SLOT_MULTIPLE) * SLOT_MULTIPLE
         cache_dtype = sp.cache_dtype or self.cfg.dtype
         tokens, mask = self._place(tokens), self._place(mask)
         prefix = jnp.asarray(np.asarray(ids[0][:shared], np.int32)[None]) if shared else None
@@ -381,12 +447,13 @@ class Sampler:
         # the mesh spans processes; a process-local jax.Array cannot.
         host_arg = np.asarray if multi else (lambda x: x)
 
+        params = self.decode_params(params)
         last, cache, next_pos = self._prefill(params, tokens, mask, host_arg(prefix) if shared else None, cfg=self.cfg,
-                                              slots=slots, cache_dtype=cache_dtype, unroll=self.unroll_layers)
+                                              cache_dtype=cache_dtype, unroll=self.unroll_layers)
         self.stats["prefill_calls"] += 1
-        jax.block_until_ready(last)  # so prefill_s / decode_s time what they name (dispatch is async)
         state = _start_state(last, cache, next_pos, valid if multi else jnp.asarray(valid), n=sp.n,
-                             max_new=sp.max_new_tokens)
+                             max_new=sp.max_new_tokens, slots=slots)
+        jax.block_until_ready(state)  # so prefill_s / decode_s time what they name (dispatch is async)
         t_prefill = time.perf_counter()
 
         eos = tuple(sp.eos_ids) if sp.eos_ids is not None else tuple(sorted(self.tokenizer.eos_ids))

@@ -81,10 +81,14 @@ def test_bf16_compute_is_close(saved):
     assert np.abs(np.asarray(got_r) - ref).max() <= 1e-4
 
 
-def test_unrolled_per_layer_path_equals_scanned(saved):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-tied{c[1]}-gqa{c[2]}x{c[3]}")
+def test_unrolled_per_layer_path_equals_scanned(saved, case):
+    """The sampler's CPU path (per-layer [out, in] weights, feature-major activations, per-layer
+    cache) computes the same logits as the scanned Flax decoder, for every family's options
+    (tied/untied head, GQA, q/k/v biases, q/k norms, llama3 RoPE scaling)."""
     from cada_jax.models.decoder import split_layers
 
-    _, d = saved[("qwen3", False, 4, 2)]
+    _, d = saved[case]
     params, cfg = load_params(d)
     tokens, mask = padded_batch(cfg.vocab_size, [11, 6], 12, left=True)
     pos = np.asarray(positions_from_mask(mask))

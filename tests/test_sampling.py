@@ -162,6 +162,51 @@ def test_bf16_cache(tiny):
     assert np.abs(a.logprobs[0] - b.logprobs[0]).max() < 0.1
 
 
+def test_logprobs_over_several_key_blocks(tiny):
+    """70 new tokens: the decode loop's keys span several blocks of slots (decoder.chunk_keys), and
+    the samples keep matching a full forward pass's log-softmax."""
+    params, cfg, tok, _ = tiny
+    sampler = Sampler(cfg, tok)
+    seen = {}
+    decode = sampler._decode
+
+    def rec(params, state, *a, **kw):
+        seen["k"] = state["cache"]["k"][0].shape
+        return decode(params, state, *a, **kw)
+
+    sampler._decode = rec
+    out = sampler.generate(params, ["the cat", "a hat in the house"],
+                           SamplingParams(max_new_tokens=70, temperature=1.0, seed=11, ignore_eos=True))
+    assert len(seen["k"]) == 5 and seen["k"][2] >= 2 and seen["k"][4] in (32, 64), seen
+    for i, (c, lp) in enumerate(zip(out.completion_ids, out.logprobs)):
+        p = out.prompt_ids[i]
+        assert len(c) == 70
+        seq = np.array([p + c], np.int32)
+        mask = np.ones_like(seq)
+        logits = np.asarray(forward_jit(params, seq, positions_from_mask(mask), mask, cfg=cfg)[0])[0]
+        ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))[np.arange(len(c)) + len(p) - 1, c]
+        np.testing.assert_allclose(lp, ref, atol=1e-4)
+
+
+def test_per_layer_weights_made_once_per_set_of_params(tiny):
+    """The sampler keeps its per-layer copy of the weights for the next call with the same arrays,
+    makes a new one for other arrays, and never reuses a copy of deleted (donated) weights."""
+    params, cfg, tok, _ = tiny
+    sampler = Sampler(cfg, tok, unroll_layers=True)
+    a = sampler.decode_params(params)
+    assert sampler.decode_params(params) is a
+    other = jax.tree.map(lambda x: x * 1.0, params)
+    b = sampler.decode_params(other)
+    assert b is not a
+    np.testing.assert_array_equal(np.asarray(b["layers"][0]["q"]), np.asarray(a["layers"][0]["q"]))
+    sp = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    want = sampler.generate(params, ["the cat"], sp).completion_ids
+    jax.tree.map(lambda x: x.delete(), other)
+    with pytest.raises(RuntimeError, match="deleted"):
+        sampler.generate(other, ["the cat"], sp)  # not served from the cached copy
+    assert sampler.generate(params, ["the cat"], sp).completion_ids == want
+
+
 def test_scanned_and_unrolled_decode_paths_agree(tiny):
     params, cfg, tok, _ = tiny
     sp = SamplingParams(max_new_tokens=12, temperature=0.9, n=2, seed=5, ignore_eos=True)

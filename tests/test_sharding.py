@@ -352,11 +352,11 @@ def test_greedy_sampling_on_the_mesh_gives_the_same_tokens(mesh8):
         # the prompt batch [8, P] is split 4 ways over ('data', 'fsdp')
         assert s[f"{key}_tokens_spec"] == "P(('data', 'fsdp'),)", key
         assert s[f"{key}_tokens_shard"][0] == 2, key
-        # per-layer KV cache [B, K, S, H] after prefill and after the decode loop: batch over
-        # data*fsdp = 4, the 2 KV heads over tensor = 2, on all 8 devices (not gathered)
-        for name in ("prefill_k", "decode_k"):
+        # per-layer keys [B, K, H, S] after prefill, [B, K, S/c, H, c] after the decode loop:
+        # batch over data*fsdp = 4, the 2 KV heads over tensor = 2, on all 8 devices (not gathered)
+        for name, ndim in (("prefill_k", 4), ("decode_k", 5)):
             shape, shard = s[f"{key}_{name}_shape"], s[f"{key}_{name}_shard"]
-            assert shape[:2] == [8, 2] and shard == [2, 1, shape[2], shape[3]], (key, name, shape, shard)
+            assert len(shape) == ndim and shape[:2] == [8, 2] and shard == [2, 1, *shape[2:]], (key, name, shape, shard)
             assert s[f"{key}_{name}_ndev"] == 8, (key, name)
 
 
