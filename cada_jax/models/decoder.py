@@ -291,54 +291,60 @@ def _mm_fm(w_OI, x_IM, dt, bias=None):
 
 
 def _layer_fm(cfg: ModelConfig, w: dict, x_DM, cos_HM, sin_HM, mask_BTS, kv, index, B: int, T: int):
-    """One decoder layer on feature-major activations [D, B*T] (column b*T + t)."""
+    """One decoder layer on feature-major activations [D, B*T] (column b*T + t). Named scopes
+    (projections / attention / mlp) let profiles attribute the ops (benchmarks/sampler_profile.py)."""
     N, K, G, H = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
     dt = _dt(cfg.dtype)
-    h = _rms_fm(x_DM, w["input_norm"], cfg.rms_norm_eps, dt)
-    q = _mm_fm(w["q"], h, dt, w.get("q_bias")).reshape(N, H, B * T)
-    k = _mm_fm(w["k"], h, dt, w.get("k_bias")).reshape(K, H, B * T)
-    v = _mm_fm(w["v"], h, dt, w.get("v_bias")).reshape(K, H, B * T)
-    if cfg.qk_norm:
-        q = _rms_fm(q.transpose(1, 0, 2), w["q_norm"], cfg.rms_norm_eps, dt).transpose(1, 0, 2)
-        k = _rms_fm(k.transpose(1, 0, 2), w["k_norm"], cfg.rms_norm_eps, dt).transpose(1, 0, 2)
-    q, k = _rope_fm(q, cos_HM, sin_HM), _rope_fm(k, cos_HM, sin_HM)
-    qg = q.reshape(K, G, H, B, T).transpose(3, 0, 1, 4, 2)  # [B, K, G, T, H]
-    k_BKHT = k.reshape(K, H, B, T).transpose(2, 0, 1, 3)
-    v_BKTH = v.reshape(K, H, B, T).transpose(2, 0, 3, 1)
-    chunked = False
-    if kv is None:
-        keys, values = k_BKHT, v_BKTH
-    else:
-        cdt = kv[0].dtype
-        values = jax.lax.dynamic_update_slice(kv[1], v_BKTH.astype(cdt), (0, 0, index, 0))
-        if kv[0].ndim == 5:  # decode layout: blocks of c slots [B, K, C, H, c] (see chunk_keys)
-            if T != 1:
-                raise ValueError(f"chunked keys {kv[0].shape} take one token per call, got {T}")
-            c = kv[0].shape[-1]
-            keys = jax.lax.dynamic_update_slice(kv[0], k_BKHT[:, :, None].astype(cdt), (0, 0, index // c, 0, index % c))
-            chunked = True
+    with jax.named_scope("projections"):
+        h = _rms_fm(x_DM, w["input_norm"], cfg.rms_norm_eps, dt)
+        q = _mm_fm(w["q"], h, dt, w.get("q_bias")).reshape(N, H, B * T)
+        k = _mm_fm(w["k"], h, dt, w.get("k_bias")).reshape(K, H, B * T)
+        v = _mm_fm(w["v"], h, dt, w.get("v_bias")).reshape(K, H, B * T)
+        if cfg.qk_norm:
+            q = _rms_fm(q.transpose(1, 0, 2), w["q_norm"], cfg.rms_norm_eps, dt).transpose(1, 0, 2)
+            k = _rms_fm(k.transpose(1, 0, 2), w["k_norm"], cfg.rms_norm_eps, dt).transpose(1, 0, 2)
+        q, k = _rope_fm(q, cos_HM, sin_HM), _rope_fm(k, cos_HM, sin_HM)
+    with jax.named_scope("attention"):
+        qg = q.reshape(K, G, H, B, T).transpose(3, 0, 1, 4, 2)  # [B, K, G, T, H]
+        k_BKHT = k.reshape(K, H, B, T).transpose(2, 0, 1, 3)
+        v_BKTH = v.reshape(K, H, B, T).transpose(2, 0, 3, 1)
+        chunked = False
+        if kv is None:
+            keys, values = k_BKHT, v_BKTH
         else:
-            keys = jax.lax.dynamic_update_slice(kv[0], k_BKHT.astype(cdt), (0, 0, 0, index))
-        kv = (keys, values)
-        keys, values = keys.astype(dt), values.astype(dt)
-    if chunked:
-        # one batched matmul per (b, k, block): [G*T, H] x [H, c] (see chunk_keys)
-        C, c = keys.shape[2], keys.shape[4]
-        qc = jnp.broadcast_to(qg.reshape(B, K, 1, G * T, H), (B, K, C, G * T, H))
-        scores = jnp.einsum("bkngh,bknhs->bkngs", qc, keys, preferred_element_type=jnp.float32)
-        scores = jnp.swapaxes(scores, 2, 3).reshape(B, K, G, T, C * c)
-    else:
-        scores = jnp.einsum("bkgth,bkhs->bkgts", qg, keys, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(H))
-    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, values)  # [B, K, G, T, H]
-    out = out.transpose(1, 2, 4, 0, 3).reshape(N * H, B * T)
-    x_DM = x_DM + _mm_fm(w["o"], out, dt)
-    h = _rms_fm(x_DM, w["post_attn_norm"], cfg.rms_norm_eps, dt)
-    g = _mm_fm(w["gate"], h, dt, w.get("gate_bias"))
-    u = _mm_fm(w["up"], h, dt, w.get("up_bias"))
-    x_DM = x_DM + _mm_fm(w["down"], nn.silu(g) * u, dt, w.get("down_bias"))
+            cdt = kv[0].dtype
+            values = jax.lax.dynamic_update_slice(kv[1], v_BKTH.astype(cdt), (0, 0, index, 0))
+            if kv[0].ndim == 5:  # decode layout: blocks of c slots [B, K, C, H, c] (see chunk_keys)
+                if T != 1:
+                    raise ValueError(f"chunked keys {kv[0].shape} take one token per call, got {T}")
+                c = kv[0].shape[-1]
+                keys = jax.lax.dynamic_update_slice(kv[0], k_BKHT[:, :, None].astype(cdt),
+                                                    (0, 0, index // c, 0, index % c))
+                chunked = True
+            else:
+                keys = jax.lax.dynamic_update_slice(kv[0], k_BKHT.astype(cdt), (0, 0, 0, index))
+            kv = (keys, values)
+            keys, values = keys.astype(dt), values.astype(dt)
+        if chunked:
+            # one batched matmul per (b, k, block): [G*T, H] x [H, c] (see chunk_keys)
+            C, c = keys.shape[2], keys.shape[4]
+            qc = jnp.broadcast_to(qg.reshape(B, K, 1, G * T, H), (B, K, C, G * T, H))
+            scores = jnp.einsum("bkngh,bknhs->bkngs", qc, keys, preferred_element_type=jnp.float32)
+            scores = jnp.swapaxes(scores, 2, 3).reshape(B, K, G, T, C * c)
+        else:
+            scores = jnp.einsum("bkgth,bkhs->bkgts", qg, keys, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / np.sqrt(H))
+        scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bksh->bkgth", probs, values)  # [B, K, G, T, H]
+        out = out.transpose(1, 2, 4, 0, 3).reshape(N * H, B * T)
+    with jax.named_scope("projections"):
+        x_DM = x_DM + _mm_fm(w["o"], out, dt)
+    with jax.named_scope("mlp"):
+        h = _rms_fm(x_DM, w["post_attn_norm"], cfg.rms_norm_eps, dt)
+        g = _mm_fm(w["gate"], h, dt, w.get("gate_bias"))
+        u = _mm_fm(w["up"], h, dt, w.get("up_bias"))
+        x_DM = x_DM + _mm_fm(w["down"], nn.silu(g) * u, dt, w.get("down_bias"))
     return x_DM, kv
 
 
@@ -370,8 +376,9 @@ def _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, kv, index, cfg:
             new_v.append(kv_i[1])
     if last_only:
         x, T = x.reshape(-1, B, T)[:, :, -1], 1
-    x = _rms_fm(x, params["final_norm"]["scale"], cfg.rms_norm_eps, dt)
-    logits = jnp.dot(params["head_VD"].astype(dt), x, preferred_element_type=jnp.float32)  # [V, B*T]
+    with jax.named_scope("lm_head"):
+        x = _rms_fm(x, params["final_norm"]["scale"], cfg.rms_norm_eps, dt)
+        logits = jnp.dot(params["head_VD"].astype(dt), x, preferred_element_type=jnp.float32)  # [V, B*T]
     if vocab_major:
         if T != 1:
             raise ValueError(f"vocabulary-major logits take one token per row, got {T}")
