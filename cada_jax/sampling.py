@@ -11,6 +11,10 @@
   dynamic_update_slice), the last logits, the output buffers and the done flags; it exits as
   soon as every sequence has finished. With stop strings, the loop runs in chunks and the host
   checks the decoded text between chunks.
+- On CPU the programs run the decoder's unrolled path (`decoder._forward_unrolled`): per-layer
+  [out, in] weight buffers, made once per set of params and kept (`Sampler.decode_params`),
+  feature-major activations, keys in blocks of 64 slots, and vocabulary-major logits [V, S] for
+  the draw. GPU/TPU run the scanned decoder over the stacked weights and cache.
 - Returned log-probs are those of the sampled tokens under the model's unmodified distribution
   (log-softmax of the raw logits, before temperature / top-k / top-p), as RL needs.
 - With a `mesh` the prompt batch and the KV cache are split over (data, fsdp) and the weights
@@ -385,6 +389,11 @@ class Sampler:
                  "head_VD": params["embed"] if head is None else head}
         self._split = (key, leaves, split)
         return split
+
+    def release_weights(self):
+        """Drop the kept per-layer weight copy (`decode_params`), e.g. before a training update
+        that donates the weights it was made from: the memory is free again right away."""
+        self._split = None
 
     # -- prompts -> ids
     def encode_prompts(self, prompts) -> list[list[int]]:

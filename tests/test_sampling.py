@@ -205,6 +205,9 @@ def test_per_layer_weights_made_once_per_set_of_params(tiny):
     with pytest.raises(RuntimeError, match="deleted"):
         sampler.generate(other, ["the cat"], sp)  # not served from the cached copy
     assert sampler.generate(params, ["the cat"], sp).completion_ids == want
+    kept = sampler.decode_params(params)
+    sampler.release_weights()
+    assert sampler._split is None and sampler.decode_params(params) is not kept
 
 
 def test_scanned_and_unrolled_decode_paths_agree(tiny):

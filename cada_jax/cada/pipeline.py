@@ -135,9 +135,12 @@ def _evaluate(cfg: Config, model: _Model, out_dir: str, tag: str) -> dict:
     e = cfg.eval
     records = load_suite(e.suite, e.data or None, limit=e.limit or None)
     sp = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=0.0)
-    return evaluate(model.params, model.cfg, model.tokenizer, records, variant="none", attacks=tuple(e.attacks),
-                    judge=judge_from_config(cfg, e.judge, model.dir), sampling=sp, batch_size=e.batch_size, out_dir=out_dir,
-                    sampler=model.sampler, tag=tag, model_name=model.dir, seed=cfg.run.seed)
+    try:
+        return evaluate(model.params, model.cfg, model.tokenizer, records, variant="none", attacks=tuple(e.attacks),
+                        judge=judge_from_config(cfg, e.judge, model.dir), sampling=sp, batch_size=e.batch_size,
+                        out_dir=out_dir, sampler=model.sampler, tag=tag, model_name=model.dir, seed=cfg.run.seed)
+    finally:
+        model.sampler.release_weights()  # the training stages that follow need the memory
 
 
 def headline(results_path: str) -> dict:
@@ -245,6 +248,7 @@ def run_pipeline(cfg: Config) -> dict:
                                   judge=judge_from_config(cfg, g.judge, m.dir), k=g.k_cases, batch_size=g.batch_size, out_path=chains,
                                   model_name=m.dir, progress=cfg.run.progress, scaffold=g.scaffold,
                                   fallback=g.fallback, cite_precedent=g.cite_precedent, reasoning=g.reasoning)
+        m.sampler.release_weights()
         summary.pop("records")
         with open(os.path.join(run_dir, "generate", "stats.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -703,6 +703,7 @@ class GRPOTrainer:
         self._timing = {"sampling_s": 0.0, "reward_s": 0.0}
         t0 = time.perf_counter()
         groups, metrics = self.rollout(step)
+        self.sampler.release_weights()  # its copy of the policy is stale once the update runs
         batch, adv_metrics = self.make_batch(groups)
         metrics.update(adv_metrics)
         t1 = time.perf_counter()
@@ -739,6 +740,7 @@ class GRPOTrainer:
             columns["completion_ids"] = [list(c) for c in out.completion_ids]
             raws.append(self._score([_prompt_text(self.eval_prompts[i]) for i in idx], out.texts, columns))
             lengths += [len(c) for c in out.completion_ids]
+        self.sampler.release_weights()
         raw = np.concatenate(raws, axis=1)
         out = {"eval_reward_mean": float(self.reward_set.combine(raw).mean()),
                **{f"eval_reward/{k}": v for k, v in self.reward_set.means(raw).items()},
