@@ -358,7 +358,7 @@ class Sampler:
         # twice, so the scanned path with the stacked cache is used there.
         self.unroll_layers = (jax.default_backend() == "cpu") if unroll_layers is None else bool(unroll_layers)
         self._prefill = jax.jit(_prefill, static_argnames=("cfg", "cache_dtype", "unroll"))
-        self._split = None  # (ids of the stacked layer arrays, those arrays, per-layer copy)
+        self._split = None  # (ids of the params' arrays, those arrays, their split_layers copy)
         self._split_layers = jax.jit(_split_weights, static_argnames=("cfg",))
         self._decode = jax.jit(
             _decode,

@@ -46,9 +46,16 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = _param(self, "scale", (self.size,), (self.axis_name,), self.cfg, nn.initializers.ones)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-        return (y * scale.astype(jnp.float32)).astype(_dt(self.cfg.dtype))
+        return _rms(x, scale, self.cfg.rms_norm_eps, _dt(self.cfg.dtype), axis=-1)
+
+
+def _rms(x, scale, eps, dt, axis: int):
+    """RMSNorm of `x` over `axis` (computed in f32), times `scale` laid along that axis."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return (y * scale.astype(jnp.float32).reshape(shape)).astype(dt)
 
 
 def _mm(x_MK, w_KN, dt):
@@ -89,7 +96,7 @@ def key_chunk(slots: int) -> int:
     """Slots per key block for a decode cache of `slots` (a multiple of 32), 0 if none fits."""
     for c in (KEY_CHUNK, KEY_CHUNK // 2):
         if slots % c == 0:
-            return min(c, slots)
+            return c
     return 0
 
 
@@ -109,6 +116,16 @@ def rope_tables(cfg: ModelConfig, positions_BT):
     freqs = positions_BT.astype(jnp.float32)[..., None] * inv  # [B,T,H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
+
+
+def _weigh_values(scores_BKGTS, values_BKSH, mask_BTS, dt):
+    """Attention output [B, K, G, T, H] from raw q.k scores: scaled, masked, softmaxed (f32), and
+    applied to the values. The (b, k) batch dims lead the output too, so the product is a plain
+    batched matmul (XLA:CPU runs a "->btkgh" output as a slow generic dot)."""
+    scores = scores_BKGTS * (1.0 / np.sqrt(values_BKSH.shape[-1]))
+    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bksh->bkgth", probs, values_BKSH)
 
 
 class Attention(nn.Module):
@@ -162,12 +179,7 @@ class Attention(nn.Module):
         elif cfg.attention_impl == "einsum":
             qg = q.reshape(B, T, K, cfg.num_groups, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
             scores = jnp.einsum("bkgth,bksh->bkgts", qg, keys, preferred_element_type=jnp.float32)
-            scores = scores * (1.0 / np.sqrt(H))
-            scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            # batch dims (b, k) leading in the output too: a plain batched matmul (XLA:CPU runs the
-            # "->btkgh" form as a slow generic dot); the transpose after it is cheap
-            out = jnp.einsum("bkgts,bksh->bkgth", probs, values).transpose(0, 3, 1, 2, 4)
+            out = _weigh_values(scores, values, mask_BTS, dt).transpose(0, 3, 1, 2, 4)
         else:
             raise ValueError(f"attention_impl {cfg.attention_impl!r}: use 'einsum' or 'dot_product_attention'")
         # (n, h) flattened so the output projection is one matmul against a bitcast of wo.
@@ -271,10 +283,8 @@ def _logits(cfg: ModelConfig, x_BTD, embedding_VD, head_DV=None):
 
 
 def _rms_fm(x_DM, scale_D, eps, dt):
-    """RMSNorm over the leading (feature) axis, in f32 like `RMSNorm`."""
-    x32 = x_DM.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
-    return (y * scale_D.astype(jnp.float32).reshape(-1, *([1] * (x_DM.ndim - 1)))).astype(dt)
+    """RMSNorm over the leading (feature) axis."""
+    return _rms(x_DM, scale_D, eps, dt, axis=0)
 
 
 def _rope_fm(x_NHM, cos_HM, sin_HM):
@@ -333,10 +343,7 @@ def _layer_fm(cfg: ModelConfig, w: dict, x_DM, cos_HM, sin_HM, mask_BTS, kv, ind
             scores = jnp.swapaxes(scores, 2, 3).reshape(B, K, G, T, C * c)
         else:
             scores = jnp.einsum("bkgth,bkhs->bkgts", qg, keys, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / np.sqrt(H))
-        scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bksh->bkgth", probs, values)  # [B, K, G, T, H]
+        out = _weigh_values(scores, values, mask_BTS, dt)  # [B, K, G, T, H]
         out = out.transpose(1, 2, 4, 0, 3).reshape(N * H, B * T)
     with jax.named_scope("projections"):
         x_DM = x_DM + _mm_fm(w["o"], out, dt)
