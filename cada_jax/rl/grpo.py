@@ -26,10 +26,11 @@ One step (``GRPOTrainer.train_step``):
 
 Update batch layout, with each prompt run once per group (as in sampling): the N = B / G prompts
 are left-padded to P slots, ``prompt_tokens_NP``; the B completions right-padded to C slots,
-``completion_tokens_BC``. The log-probs of a group's completions come from one decoder pass over
-its prompt that fills a KV cache (repeated G times on device) and one pass over the completions
-that attends to it; gradients flow through the shared cache into the prompt pass. Against
-B full rows this saves (G - 1) / G of the prompt compute in the reference and the update. P and
+``completion_tokens_BC``. The log-probs of a group's completions come from one scan over the
+layers that carries the prompts and the completions side by side (`decoder.grouped_logits`): in
+every layer a completion attends to its prompt's keys and to its own earlier tokens, and gradients
+flow back into the prompt rows. Against B full rows this saves (G - 1) / G of the prompt compute
+in the reference and the update. P and
 C are rounded up to `length_bucket`s (C capped at ``rl.max_new_tokens``), so jit compiles one
 program per (P, C) pair, and micro-batches hold whole groups.
 
@@ -73,7 +74,6 @@ import numpy as np
 from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
 from cada_jax.models.config import ModelConfig
 from cada_jax.models import decoder as _decoder
-from cada_jax.models.decoder import positions_from_mask
 from cada_jax.rl import placement
 from cada_jax.rl.advantages import compute_advantages, get_advantage, group_has_signal
 from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard
@@ -224,33 +224,13 @@ def completion_logits(params, prompt_tokens_NP, prompt_mask_NP, completion_token
                       cfg: ModelConfig, mesh=None):
     """The logits [B, C, V] predicting every completion token; G = B / N samples per prompt.
 
-    One decoder pass over the N prompts fills a KV cache of P + C - 1 slots; its last position
-    (the only one projected onto the vocabulary) predicts each group's first completion token.
-    The cache is repeated G times and one pass over the first C - 1 completion tokens (positions
-    continuing each prompt's own length) predicts the rest. Values equal a full causal pass over
+    `decoder.grouped_logits`: one scan over the layers carries the N prompts and the B
+    completions, each prompt's work done once per group. Values equal a full causal pass over
     [prompt | completion] rows up to float rounding. With a `mesh` the logits stay split over batch
     and vocabulary through the log-softmax.
     """
-    ptok = jnp.asarray(prompt_tokens_NP, jnp.int32)
-    pmask = jnp.asarray(prompt_mask_NP, jnp.int32)
-    ctok = jnp.asarray(completion_tokens_BC, jnp.int32)
-    (N, P), (B, C) = ptok.shape, ctok.shape
-    if B % N:
-        raise ValueError(f"{B} completions do not split into groups over {N} prompts")
-    G = B // N
-    cache = _decoder.init_cache(cfg, N, P + C - 1)
-    last_N1V, cache = _decoder.forward(params, ptok, positions_from_mask(pmask), pmask, cache, cfg=cfg, last_only=True)
-    first_BV = jnp.repeat(last_N1V[:, -1], G, axis=0)
-    if C == 1:
-        logits_BCV = first_BV[:, None]
-    else:
-        cache = {"k": jnp.repeat(cache["k"], G, axis=1), "v": jnp.repeat(cache["v"], G, axis=1),
-                 "mask": jnp.repeat(cache["mask"], G, axis=0), "index": cache["index"]}
-        n_prompt_B = jnp.repeat(jnp.sum(pmask, axis=1), G)
-        positions_BC = n_prompt_B[:, None] + jnp.arange(C - 1, dtype=jnp.int32)[None]
-        rest_BCV, _ = _decoder.forward(params, ctok[:, :-1], positions_BC, jnp.asarray(completion_mask_BC)[:, :-1],
-                                       cache, cfg=cfg)
-        logits_BCV = jnp.concatenate([first_BV[:, None], rest_BCV], axis=1)
+    logits_BCV = _decoder.grouped_logits(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC,
+                                         completion_mask_BC, cfg=cfg)
     if mesh is not None:
         logits_BCV = jax.lax.with_sharding_constraint(
             logits_BCV, fit_sharding(mesh, logits_BCV.shape, ("act_batch", "act_seq", "act_vocab"), cfg))
