@@ -231,6 +231,15 @@ _REMAT_POLICIES = {
 }
 
 
+def _remat_policy(cfg: ModelConfig):
+    """(whether to rematerialise each layer, the checkpoint policy) for ``cfg.remat``."""
+    if cfg.remat == "none":
+        return False, None
+    if cfg.remat not in _REMAT_POLICIES:
+        raise ValueError(f"remat {cfg.remat!r}: use one of none, {', '.join(_REMAT_POLICIES)}")
+    return True, _REMAT_POLICIES[cfg.remat]
+
+
 class Decoder(nn.Module):
     cfg: ModelConfig
 
@@ -243,10 +252,9 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(cfg, positions_BT) if rope is None else rope
 
         layer_cls = DecoderLayer
-        if cfg.remat != "none":
-            if cfg.remat not in _REMAT_POLICIES:
-                raise ValueError(f"remat {cfg.remat!r}: use one of none, {', '.join(_REMAT_POLICIES)}")
-            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+        remat, policy = _remat_policy(cfg)
+        if remat:
+            layer_cls = nn.remat(DecoderLayer, prevent_cse=False, policy=policy)
         stack = nn.scan(
             layer_cls,
             variable_axes={"params": 0},
@@ -559,10 +567,9 @@ def grouped_logits(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_B
     def body(carry, w):
         return _grouped_layer(cfg, w, *carry, tabs, masks, N, P, B, Cm), None
 
-    if cfg.remat != "none":
-        if cfg.remat not in _REMAT_POLICIES:
-            raise ValueError(f"remat {cfg.remat!r}: use one of none, {', '.join(_REMAT_POLICIES)}")
-        body = jax.checkpoint(body, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+    remat, policy = _remat_policy(cfg)
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     (xp, xc), _ = jax.lax.scan(body, (xp, xc), params["layers"])
     last_N1D = xp.reshape(N, P, D)[:, -1:]  # left padding: the last slot is every prompt's last token
     x = jnp.concatenate([jnp.repeat(last_N1D, G, axis=0), xc.reshape(B, Cm, D)], axis=1)
