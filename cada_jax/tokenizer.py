@@ -1,8 +1,7 @@
 """Tokenizer wrapper: chat template, padded batch encoding, decoding, the set of stop ids.
 
-Backends: `hf` (default; `transformers.AutoTokenizer` over tokenizer.json, never remote code) and
-`tftext` (a SentencePiece `.model` run through tensorflow-text, for TF-native input pipelines;
-needs the `tftext` extra and a `tokenizer.model` file).
+`transformers.AutoTokenizer` over the model directory's tokenizer files (never remote code). The
+chat template is rendered by `transformers`, which needs `jinja2` (a declared dependency).
 """
 
 from __future__ import annotations
@@ -46,30 +45,23 @@ def length_bucket(n: int, minimum: int = 16) -> int:
 
 
 class Tokenizer:
-    def __init__(self, model_dir: str, backend: str = "hf"):
+    def __init__(self, model_dir: str):
         self.model_dir = model_dir
-        self.backend = backend
         gen_path = os.path.join(model_dir, "generation_config.json")
         gen = {}
         if os.path.isfile(gen_path):
             with open(gen_path) as f:
                 gen = json.load(f)
-        if backend == "hf":
-            from transformers import AutoTokenizer
+        from transformers import AutoTokenizer
 
-            if not any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-                raise FileNotFoundError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)")
-            self._tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-            self.vocab_size = len(self._tok)
-            eos = {self._tok.eos_token_id} if self._tok.eos_token_id is not None else set()
-            pad = self._tok.pad_token_id
-            self.bos_id = self._tok.bos_token_id
-            self.chat_template = self._tok.chat_template
-        elif backend == "tftext":
-            self._init_tftext(model_dir)
-            eos, pad = {self._sp_eos} if self._sp_eos >= 0 else set(), None
-        else:
-            raise TokenizerError(f"tokenizer backend {backend!r} is unknown; use 'hf' or 'tftext'")
+        if not any(os.path.isfile(os.path.join(model_dir, n)) for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise FileNotFoundError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer.model / vocab.json)")
+        self._tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        self.vocab_size = len(self._tok)
+        eos = {self._tok.eos_token_id} if self._tok.eos_token_id is not None else set()
+        pad = self._tok.pad_token_id
+        self.bos_id = self._tok.bos_token_id
+        self.chat_template = self._tok.chat_template
         g = gen.get("eos_token_id")
         if g is not None:
             eos |= set(g if isinstance(g, list) else [g])
@@ -80,54 +72,21 @@ class Tokenizer:
             pad = min(self.eos_ids) if self.eos_ids else 0
         self.pad_id = int(pad)
 
-    # ------------------------------------------------------------------ tftext backend
-    def _init_tftext(self, model_dir):
-        try:
-            import tensorflow as tf
-            import tensorflow_text as tf_text
-        except ImportError:
-            raise TokenizerError("the tftext backend needs tensorflow-text: pip install 'cada_jax[tftext]'") from None
-        path = os.path.join(model_dir, "tokenizer.model")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: the tftext backend needs a SentencePiece tokenizer.model")
-        with open(path, "rb") as f:
-            self._sp = tf_text.SentencepieceTokenizer(model=f.read(), out_type=tf.int32)
-        self._tf = tf
-        self.vocab_size = int(self._sp.vocab_size())
-        self._sp_eos = int(self._sp.string_to_id("</s>").numpy())
-        self.bos_id = int(self._sp.string_to_id("<s>").numpy())
-        cfg_path = os.path.join(model_dir, "tokenizer_config.json")
-        self.chat_template = None
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                self.chat_template = json.load(f).get("chat_template")
-
     # ------------------------------------------------------------------ API
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise TokenizerError(f"{self.model_dir}: the tokenizer has no chat template; add 'chat_template' to tokenizer_config.json")
-        if self.backend == "hf":
-            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
-        if self.backend == "hf":
-            return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
-        return [int(i) for i in self._sp.tokenize(text).numpy()]
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
-        if self.backend == "hf":
-            return [list(x) for x in self._tok(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
-        return [self.encode(t) for t in texts]
+        return [list(x) for x in self._tok(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
-        if self.backend == "hf":
-            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-        return self._sp.detokenize(self._tf.constant(ids, self._tf.int32)).numpy().decode("utf-8", "replace")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def pad(self, seqs: Sequence[Sequence[int]], *, side: str = "left", length: int | None = None,
             length_buckets: Sequence[int] | None = None, batch: int | None = None):

@@ -1,8 +1,12 @@
-"""Minimal, streaming safetensors reading and writing on numpy (bf16 via ml_dtypes).
+"""Streaming safetensors reading and writing on numpy (bf16 via ml_dtypes).
 
-Reading memory-maps each file and hands out one tensor at a time, so loading a model needs about
-one model's worth of host memory, not two. Every offset is checked against the file size, so a
-truncated download fails with the file and tensor named instead of garbage weights.
+Reading goes through the `safetensors` package: each file is memory-mapped and hands out one
+tensor at a time, so loading a model needs about one model's worth of host memory, not two; a
+truncated or corrupt file fails with the file named instead of garbage weights.
+
+Writing stays here because the package writes only whole in-memory dicts: `write_safetensors`
+produces each tensor just before it writes it (GGUF dequantisation, exports of sharded params), to
+a temp file renamed into place.
 """
 
 from __future__ import annotations
@@ -37,56 +41,48 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """Lazy view of one .safetensors file."""
+    """Lazy view of one .safetensors file, read through the `safetensors` package (memory-mapped,
+    one tensor at a time); its errors are re-raised as one line naming the file."""
 
     def __init__(self, path: str):
+        from safetensors import SafetensorError, safe_open
+
         self.path = path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: weights file not found")
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: file is truncated ({size} bytes); re-download or re-export it")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path}: header length {n} exceeds the file size {size}; the file is truncated or not safetensors")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{path}: header is not valid JSON; the file is corrupt") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self._data_start = 8 + n
-        self._header = header
-        data_len = size - self._data_start
-        for name, info in header.items():
-            if info.get("dtype") not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            begin, end = info["data_offsets"]
-            expected = int(np.prod(info["shape"], dtype=np.int64)) * _DTYPES[info["dtype"]].itemsize
-            if end - begin != expected:
-                raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {info['shape']}; the file is corrupt")
-            if end > data_len:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} ends at byte {end} but the file has only {data_len} data bytes; the file is truncated, re-download or re-export it"
-                )
-        self._mmap = None
+        self._error = SafetensorError
+        try:
+            self._f = safe_open(path, framework="np")
+            names = list(self._f.keys())
+            self.metadata = self._f.metadata() or {}
+            self._shapes = {n: tuple(self._f.get_slice(n).get_shape()) for n in names}
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            size = os.path.getsize(path)
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({size} bytes: truncated or corrupt; re-download or re-export it): {_one_line(e)}"
+            ) from None
+        for name in names:
+            dtype = self._f.get_slice(name).get_dtype()
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
 
     def keys(self) -> list[str]:
-        return list(self._header)
+        return list(self._shapes)
 
     def shape(self, name: str) -> tuple:
-        return tuple(self._header[name]["shape"])
+        return self._shapes[name]
 
     def get(self, name: str) -> np.ndarray:
-        if name not in self._header:
+        if name not in self._shapes:
             raise CheckpointError(f"{self.path}: tensor {name!r} not found")
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        info = self._header[name]
-        begin, end = info["data_offsets"]
-        raw = self._mmap[self._data_start + begin : self._data_start + end]
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        try:
+            return self._f.get_tensor(name)
+        except (self._error, OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: tensor {name!r} cannot be read (the file is corrupt; re-download or re-export it): {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray] | Iterable, metadata: dict | None = None) -> None:
