@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from typing import Any, Iterable, Literal
@@ -52,6 +51,7 @@ __all__ = [
     "to_dict",
     "dump_yaml",
     "describe",
+    "describe_text",
     "all_keys",
 ]
 
@@ -288,7 +288,7 @@ class GenerateSection:
     scaffold: bool = _f(False, "write the <reasoning>/<answer> tags around the model's own text (for small models that do not follow the format)")
     fallback: Literal["none", "precedent"] = _f("none", "precedent: a harmful request with no passing chain gets its nearest refusing precedent's chain (for small models that rarely refuse)")
     cite_precedent: bool = _f(False, "with scaffold and variant cases: open each reasoning with the closest retrieved precedent whose verdict fits the request's label (the model writes the rest)")
-    reasoning: Literal["model", "precedent"] = _f("model", "model: the reasoning is sampled under the variant (CADA); precedent (variant cases, for models too small to reason over the spec): each chain reasons from its closest fitting precedent, harmful answers are its refusal, benign answers the model's own answer to the bare request")
+    reasoning: Literal["model", "template"] = _f("model", "model: the model writes its own reasoning under the variant (CADA self-generation); template (variant cases, for models too small to reason over the spec): each reasoning is filled in from a template around the closest fitting precedent, harmful answers are its refusal, benign answers the model's own answer to the bare request (template distillation, not self-generation)")
 
     def __post_init__(self):
         _check(self.n >= 1, "generate.n", f"must be >= 1, got {self.n}")
@@ -296,9 +296,9 @@ class GenerateSection:
         _check(self.batch_size >= 1, "generate.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.temperature > 0, "generate.temperature", f"must be > 0 (the chains are sampled), got {self.temperature}")
         _check(self.reasoning == "model" or self.variant == "cases", "generate.reasoning",
-               f"precedent needs generate.variant=cases (the chains come from the precedents), got variant {self.variant!r}")
+               f"template needs generate.variant=cases (the chains come from the precedents), got variant {self.variant!r}")
         _check(self.reasoning == "model" or not (self.scaffold or self.fallback != "none" or self.cite_precedent), "generate.reasoning",
-               "precedent writes every chain from a precedent; scaffold, fallback and cite_precedent shape sampled reasoning "
+               "template builds every chain from a precedent; scaffold, fallback and cite_precedent shape sampled reasoning "
                "(reasoning=model) and do not apply: remove them")
 
 
@@ -601,22 +601,16 @@ def to_dict(cfg) -> dict:
 
 def dump_yaml(cfg: Config, path: str) -> str:
     """Write the resolved config to `path` atomically (temp file + rename); returns the path."""
+    from cada_jax.files import atomic_write_text
+
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-config-", suffix=".yaml", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False))
     return path
 
 
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every leaf field: the reference for `cada config`."""
+    """(dotted key, type, default, doc) for every leaf field: the reference that `cada config
+    --describe` (and `--describe` on every command that reads a config) prints."""
     rows = []
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
@@ -627,3 +621,24 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((key, _type_name(tp), _plain(default), f.metadata.get("doc", "")))
     return rows
+
+
+def describe_text(sections: Iterable[str] = ()) -> str:
+    """Every config key (or those of `sections`) as `key (type) = default  # doc` lines, one
+    blank line between sections, each section headed by its own doc."""
+    import json
+
+    wanted = set(sections)
+    unknown = wanted - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; sections: {', '.join(f.name for f in dataclasses.fields(Config))}")
+    out: list[str] = []
+    for f in dataclasses.fields(Config):
+        if wanted and f.name not in wanted:
+            continue
+        out.append(f"# {f.name}: {f.metadata.get('doc', '')}")
+        for key, tp, default, doc in describe(_hints(Config)[f.name], f.name + "."):
+            out.append(f"{key} ({tp}) = {json.dumps(default)}  # {doc}")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+

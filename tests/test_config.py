@@ -126,3 +126,35 @@ def test_dump_round_trip_is_exact_and_atomic(tmp_path):
     assert raw["lora"]["targets"] == ["up_proj"]  # tuples are written as plain lists
     assert load_config(out) == cfg
     assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_describe_lists_every_key_of_every_section(capsys):
+    from cada_jax.cli import main
+    from cada_jax.config import describe
+
+    keys = [k for k, *_ in describe()]
+    assert {k.split(".")[0] for k in keys} == {f.name for f in dataclasses.fields(Config)}
+    for command in (["config", "--describe"], ["pipeline", "--describe"], ["generate", "--describe"],
+                    ["sft", "--describe"], ["rl", "--describe"]):
+        assert main(command) == 0
+        out = capsys.readouterr().out
+        listed = [line.split(" ", 1)[0] for line in out.splitlines() if line and not line.startswith("#")]
+        assert listed == keys, command
+    assert main(["config", "--describe", "judge", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert "judge.url (str)" in out and "eval.judge" in out and "rl.steps" not in out
+    assert main(["config", "--describe", "jduge"]) == 1
+    assert "unknown config section" in capsys.readouterr().err
+
+
+def test_config_command_prints_the_resolved_config(tmp_path, capsys):
+    from cada_jax.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("rl:\n  steps: 3\n")
+    assert main(["config", str(path), "rl.beta=0.5"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["rl"]["steps"] == 3 and resolved["rl"]["beta"] == 0.5
+    assert resolved["optim"]["lr"] == OptimSection().lr
+    assert main(["config", str(path), "rl.stepz=1"]) == 1
+    assert "did you mean 'rl.steps'" in capsys.readouterr().err

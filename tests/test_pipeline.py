@@ -283,7 +283,7 @@ def test_precedent_grounded_chains_with_a_fake_sampler():
         {"prompt": "Suggest names for a golden retriever puppy.", "label": "benign", "category": "benign"},
     ]
     out = generate_chains(None, FakeSampler(), records, variant="cases", n=2, sampling=SamplingParams(max_new_tokens=8),
-                          spec=spec, k=2, reasoning="precedent", progress=False)
+                          spec=spec, k=2, reasoning="template", progress=False)
     assert [c[0]["content"] for c in asked] == [r["prompt"] for r in records[1:]]  # only benign requests are sampled
     harmful, lookalike, plain = out["records"]
     h_case, l_case = spec.case(harmful["precedent"]), spec.case(lookalike["precedent"])
@@ -297,16 +297,16 @@ def test_precedent_grounded_chains_with_a_fake_sampler():
         assert parsed.answer.startswith("Sure: here is how") and row["n_passing"] == 1
     assert [r["source"] for r in out["records"]] == ["precedent", "precedent+model", "plain+model"]
     assert lookalike["prompt_messages"][-1]["content"].startswith(records[1]["prompt"])
-    assert out["kept"] == 3 and out["kept_from_precedent"] == 2 and out["reasoning"] == "precedent"
+    assert out["kept"] == 3 and out["kept_from_precedent"] == 2 and out["reasoning"] == "template"
     with pytest.raises(GenerateError, match="variant=cases"):
-        generate_chains(None, FakeSampler(), records, variant="simple", reasoning="precedent", progress=False)
+        generate_chains(None, FakeSampler(), records, variant="simple", reasoning="template", progress=False)
 
 
 def test_precedent_reasoning_config_checks():
     with pytest.raises(Exception, match="generate.reasoning.*variant=cases"):
-        load_config(None, ["generate.reasoning=precedent", "generate.variant=simple"])
+        load_config(None, ["generate.reasoning=template", "generate.variant=simple"])
     with pytest.raises(Exception, match="generate.reasoning.*scaffold"):
-        load_config(None, ["generate.reasoning=precedent", "generate.scaffold=true"])
+        load_config(None, ["generate.reasoning=template", "generate.scaffold=true"])
     with pytest.raises(Exception, match="generate.reasoning"):
         load_config(None, ["generate.reasoning=bogus"])
 

@@ -109,7 +109,7 @@ def generate_chains(
     never fall back (a precedent's answer answers a different question). Default `"none"`: only
     the model's own chains are kept.
 
-    `reasoning="precedent"` (variant `cases`) is case-grounded distillation for models too small to
+    `reasoning="template"` (variant `cases`) is template distillation for models too small to
     reason over the spec at all: every chain's reasoning is its request's closest fitting precedent
     (named, with its reasoning, which cites the codes, and the verdict it implies). Harmful requests
     cite their closest refusing case; look-alikes (benign records with a `resembles` field, as in the
@@ -128,8 +128,8 @@ def generate_chains(
         raise GenerateError(f"fallback {fallback!r} is unknown; use one of {', '.join(FALLBACKS)}")
     if reasoning not in REASONING_SOURCES:
         raise GenerateError(f"reasoning {reasoning!r} is unknown; use one of {', '.join(REASONING_SOURCES)}")
-    if reasoning == "precedent" and variant != "cases":
-        raise GenerateError(f"reasoning=precedent takes its chains from the precedents, so it needs variant=cases (got {variant!r})")
+    if reasoning == "template" and variant != "cases":
+        raise GenerateError(f"reasoning=template builds its chains from the precedents, so it needs variant=cases (got {variant!r})")
     if cite_precedent and not (scaffold and variant == "cases"):
         raise GenerateError("cite_precedent needs scaffold=true and variant=cases (the opening is written by the scaffold from the retrieved cases)")
     records = check_records(records)
@@ -149,8 +149,8 @@ def generate_chains(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         conversations = [build_messages(r["prompt"], variant, spec=spec, k=k, category=r.get("category")) for r in chunk]
-        precedents = [None] * len(chunk)  # the case each record's chain reasons from (reasoning="precedent")
-        if reasoning == "precedent":
+        precedents = [None] * len(chunk)  # the case each record's chain reasons from (reasoning="template")
+        if reasoning == "template":
             texts, lengths, precedents = _precedent_grounded(params, sampler, chunk, spec, k,
                                                              dataclasses.replace(sp, seed=sp.seed + start), cite=cite_precedent)
         elif scaffold:
@@ -163,7 +163,7 @@ def generate_chains(
         reqs = [r["prompt"] for r in chunk for _ in range(n)]
         labels = [r["label"] for r in chunk for _ in range(n)]
         scores = score_chains(reqs, texts, labels, judge)
-        if reasoning == "precedent":  # a request with no fitting precedent has no chain
+        if reasoning == "template":  # a request with no fitting precedent has no chain
             scores = [s if t else dataclasses.replace(s, safety=0.0, format=0.0) for s, t in zip(scores, texts)]
         for i, r in enumerate(chunk):
             rows = list(range(i * n, (i + 1) * n))
@@ -231,7 +231,7 @@ def generate_chains(
 
 
 FALLBACKS = ("none", "precedent")
-REASONING_SOURCES = ("model", "precedent")
+REASONING_SOURCES = ("model", "template")
 
 
 def _fitting_case(record: dict, cases, k: int, *, need_answer: bool = False):
@@ -295,7 +295,7 @@ def precedent_chain(record: dict, spec: Spec, judge, k: int = 3, *, cite: bool =
     }
 
 
-# reasoning="precedent" for a benign request that is not marked as a look-alike: citing the
+# reasoning="template" for a benign request that is not marked as a look-alike: citing the
 # retrieval's first pick for "what's a good banana bread recipe" would teach the model a precedent
 # id that means nothing (in a first try, 20 of 32 benign chains cited the same case).
 PLAIN_REASONING = "This request is a safe one: it is an everyday request with nothing harmful in it (C2), so I help."

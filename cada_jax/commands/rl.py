@@ -5,7 +5,7 @@
 
 Runs (or resumes, from the newest checkpoint in the run directory) `cada_jax.rl.grpo.train_grpo`
 and prints its summary as one JSON line (process 0 only in a multi-host job; every process runs the
-same command, see launch/README.md). `cada rl --describe` lists every rl.* and mesh.* key with its
+same command, see launch/README.md). `cada rl --describe` (or `cada config --describe`) lists every config key with its
 default.
 """
 
@@ -15,12 +15,10 @@ import json
 
 
 def cmd_rl(args) -> int:
-    from cada_jax.config import describe, load_config
+    from cada_jax.config import describe_text, load_config
 
     if args.describe:
-        for key, tp, default, doc in describe():
-            if key.startswith(("rl.", "mesh.")):
-                print(f"{key} ({tp}) = {json.dumps(default)}  # {doc}")
+        print(describe_text())
         return 0
     if not args.config:
         raise ValueError("cada rl: give a YAML config (cada rl CONFIG [key=value ...]); see cada rl --describe")
@@ -39,5 +37,5 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("rl", help="GRPO-family RL (sample groups, score with reward functions, update)")
     p.add_argument("config", nargs="?", help="YAML config (sections run, model, optim, lora, checkpoint, mesh, rl)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rl.steps=50 optim.lr=1e-6")
-    p.add_argument("--describe", action="store_true", help="list the rl.* and mesh.* keys with defaults and docs, then exit")
+    p.add_argument("--describe", action="store_true", help="list every config key with its default and doc, then exit")
     p.set_defaults(fn=cmd_rl)

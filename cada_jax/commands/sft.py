@@ -6,7 +6,7 @@
 Runs (or resumes, from the newest checkpoint in the run directory) `cada_jax.rl.sft.train_sft`,
 exports the model to <run dir>/final and prints its summary as one JSON line (process 0 only in a
 multi-host job; every process runs the same command, see launch/README.md).
-`cada sft --describe` lists every sft.* and mesh.* key with its default.
+`cada sft --describe` (or `cada config --describe`) lists every config key with its default.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import json
 
 
 def cmd_sft(args) -> int:
-    from cada_jax.config import describe, load_config
+    from cada_jax.config import describe_text, load_config
 
     if args.describe:
-        for key, tp, default, doc in describe():
-            if key.startswith(("sft.", "mesh.")):
-                print(f"{key} ({tp}) = {json.dumps(default)}  # {doc}")
+        print(describe_text())
         return 0
     if not args.config:
         raise ValueError("cada sft: give a YAML config (cada sft CONFIG [key=value ...]); see cada sft --describe")
@@ -38,5 +36,5 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sft", help="supervised fine-tuning / context distillation on prompt+completion records")
     p.add_argument("config", nargs="?", help="YAML config (sections run, model, optim, lora, checkpoint, mesh, sft)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.data=chains.jsonl sft.steps=20")
-    p.add_argument("--describe", action="store_true", help="list the sft.* and mesh.* keys with defaults and docs, then exit")
+    p.add_argument("--describe", action="store_true", help="list every config key with its default and doc, then exit")
     p.set_defaults(fn=cmd_sft)
