@@ -23,10 +23,10 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 
 from cada_jax.config import Config, dump_yaml
+from cada_jax.files import atomic_write_json
 
 
 class PipelineError(ValueError):
@@ -48,10 +48,7 @@ def _read_state(run_dir: str) -> dict:
 
 
 def _write_state(run_dir: str, state: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, STATE_FILE))
+    atomic_write_json(os.path.join(run_dir, STATE_FILE), state)
 
 
 def _log(msg: str) -> None:
@@ -241,7 +238,11 @@ def run_pipeline(cfg: Config) -> dict:
 
         g = cfg.generate
         requests = training_requests(cfg)
-        _log(f"self-generating chains ({g.variant}) for {len(requests)} requests, {g.n} samples each")
+        if g.reasoning == "template":
+            _log(f"template distillation: reasoning from precedent templates, the model's own benign answers "
+                 f"({g.n} samples each), for {len(requests)} requests")
+        else:
+            _log(f"self-generating chains ({g.variant}) for {len(requests)} requests, {g.n} samples each")
         m = model(base_dir)
         sp = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed)
         summary = generate_chains(m.params, m.sampler, requests, variant=g.variant, n=g.n, sampling=sp,
@@ -250,8 +251,7 @@ def run_pipeline(cfg: Config) -> dict:
                                   fallback=g.fallback, cite_precedent=g.cite_precedent, reasoning=g.reasoning)
         m.sampler.release_weights()
         summary.pop("records")
-        with open(os.path.join(run_dir, "generate", "stats.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        atomic_write_json(os.path.join(run_dir, "generate", "stats.json"), summary)
         if summary["kept"] == 0:
             raise PipelineError(
                 f"{chains}: no generated chain passed the judge ({summary['prompts']} requests x {g.n} samples); "
@@ -337,8 +337,7 @@ def run_pipeline(cfg: Config) -> dict:
         before = headline(os.path.join(before_dir, "results.jsonl")) if os.path.isdir(before_dir) else None
         after = headline(os.path.join(after_dir, "results.jsonl"))
         result.update(before=before, after=after, table=before_after_table(before, after))
-        with open(os.path.join(run_dir, "headline.json"), "w") as f:
-            json.dump({"before": before, "after": after}, f, indent=2)
+        atomic_write_json(os.path.join(run_dir, "headline.json"), {"before": before, "after": after})
         paths = build_run_report(run_dir, title=f"CADA pipeline: {cfg.run.name}")
         result["report"] = {k: str(v) for k, v in paths.items()} if isinstance(paths, dict) else str(paths)
     result["seconds"] = round(time.perf_counter() - t_start, 1)

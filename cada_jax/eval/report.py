@@ -15,40 +15,15 @@ import base64
 import html
 import io
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from cada_jax.files import atomic_write_bytes
 
 __all__ = ["format_table", "write_report"]
 
 ARROWS = {"up": "↑", "down": "↓"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _slug(text: str, taken: set[str]) -> str:
@@ -354,7 +329,7 @@ def write_report(
     plot_paths = []
     for _, _, png, fname in plots:
         p = plots_dir / fname
-        _atomic_write(p, png)
+        atomic_write_bytes(p, png)
         plot_paths.append(p)
 
     # ---- markdown
@@ -427,6 +402,6 @@ def write_report(
     h.append("</body></html>")
 
     md_path, html_path = out / "report.md", out / "report.html"
-    _atomic_write(md_path, ("\n".join(md).rstrip() + "\n").encode("utf-8"))
-    _atomic_write(html_path, ("\n".join(h) + "\n").encode("utf-8"))
+    atomic_write_bytes(md_path, ("\n".join(md).rstrip() + "\n").encode("utf-8"))
+    atomic_write_bytes(html_path, ("\n".join(h) + "\n").encode("utf-8"))
     return {"markdown": md_path, "html": html_path, "plots": plot_paths}

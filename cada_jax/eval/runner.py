@@ -39,8 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -52,6 +50,7 @@ from cada_jax.cada.prompts import VARIANTS, build_messages
 from cada_jax.cada.spec import Spec
 from cada_jax.data.attacks import apply_attack, available_attacks, get_attack
 from cada_jax.data.records import PromptRecord
+from cada_jax.files import atomic_write_text
 from cada_jax.eval.metrics import gsm8k_correct, mmlu_correct, per_category, summarize
 from cada_jax.sampling import Sampler, SamplingParams
 
@@ -96,25 +95,6 @@ SUMMARY_FILE = "summary.json"
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _json_safe(x: Any) -> Any:
