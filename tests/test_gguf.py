@@ -112,3 +112,52 @@ def test_unwritable_cache_dir(tmp_path, monkeypatch):
         resolve_model("smollm2-135m-instruct")
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         resolve_model(str(tmp_path / "missing-model"))
+
+
+def test_convert_never_deletes_what_it_did_not_write(tmp_path, monkeypatch, capsys):
+    from cada_jax.cli import main
+
+    path = write_llama_gguf(tmp_path / "t.gguf", _tiny_llama(True))
+    keep = tmp_path / "d"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep")
+    for out in (keep, tmp_path):  # a folder with notes; the folder that holds the input GGUF
+        assert main(["convert-gguf", "--gguf", str(path), "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "holds files a model export does not write" in err and len(err.splitlines()) == 1
+    monkeypatch.chdir(keep)
+    assert main(["convert-gguf", "--gguf", str(path), "--out", "."]) == 1
+    assert (keep / "notes.txt").read_text() == "keep" and path.is_file()
+    assert sorted(os.listdir(tmp_path)) == ["d", "t.gguf"]  # no temp folder left behind
+    # an empty folder, and an earlier export, may be (re)written
+    (tmp_path / "empty").mkdir()
+    assert main(["convert-gguf", "--gguf", str(path), "--out", str(tmp_path / "empty")]) == 0
+    first = (tmp_path / "empty" / "model.safetensors").read_bytes()
+    assert main(["convert-gguf", "--gguf", str(path), "--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "model.safetensors").read_bytes() == first
+    assert sorted(os.listdir(tmp_path)) == ["d", "empty", "t.gguf"]
+
+
+def test_publish_swaps_by_rename_and_keeps_a_model_on_failure(tmp_path, monkeypatch):
+    from cada_jax.checkpoints import safetensors_io
+
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "config.json").write_text("new")
+    real = os.replace
+
+    def failing_replace(src, dst):
+        if str(src) == str(new):
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(safetensors_io.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        safetensors_io.publish_dir(str(new), str(out))
+    assert (out / "config.json").read_text() == "old"  # the old model is back in place
+    monkeypatch.setattr(safetensors_io.os, "replace", real)
+    safetensors_io.publish_dir(str(new), str(out))
+    assert (out / "config.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["m"]

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
 
 from cada_jax.config import Config, dump_yaml
@@ -189,11 +190,16 @@ def before_after_table(before: dict | None, after: dict | None) -> str:
 
 
 def _copy_model(src: str, dst: str) -> None:
-    tmp = dst + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    from cada_jax.checkpoints.safetensors_io import check_publish_target, publish_dir
+
+    check_publish_target(dst)
+    tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=os.path.dirname(os.path.abspath(dst)))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        publish_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def run_pipeline(cfg: Config) -> dict:

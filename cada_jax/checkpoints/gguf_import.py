@@ -16,7 +16,7 @@ import tempfile
 
 import numpy as np
 
-from cada_jax.checkpoints.safetensors_io import CheckpointError, publish_dir, write_safetensors
+from cada_jax.checkpoints.safetensors_io import CheckpointError, check_publish_target, publish_dir, write_safetensors
 
 SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 SUPPORTED_ARCHS = ("llama",)
@@ -246,6 +246,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, progress: bool = False) -> str
     tok_files = _tokenizer_files(reader, gguf_path)
 
     out_dir = os.path.abspath(out_dir)
+    check_publish_target(out_dir)
     parent = os.path.dirname(out_dir)
     try:
         os.makedirs(parent, exist_ok=True)

@@ -19,7 +19,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from cada_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsFile, publish_dir, write_safetensors
+from cada_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsFile, check_publish_target, publish_dir, write_safetensors
 from cada_jax.models.config import ModelConfig, load_config
 from cada_jax.models.decoder import param_shapes
 
@@ -208,6 +208,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, *, tokenizer_dir: str | No
         if want != got:
             raise CheckpointError(f"params/{'/'.join(spec.path)}: shape {got} does not match the config's {want}; nothing was written")
     out_dir = os.path.abspath(out_dir)
+    check_publish_target(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)

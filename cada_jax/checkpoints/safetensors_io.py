@@ -127,10 +127,57 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray] | Iterable, m
         raise
 
 
+# What a model export (export_hf, convert_gguf, the pipeline's final/ copy) puts in a model folder.
+MODEL_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "chat_template.jinja", "added_tokens.json",
+})
+
+
+def _is_model_file(name: str) -> bool:
+    return name in MODEL_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+
+
+def check_publish_target(out_dir: str) -> None:
+    """Refuse a target that holds anything a model export would not have written there.
+
+    An existing empty folder, or one holding only model files (an earlier export), may be replaced;
+    anything else (notes, a GGUF file, a source tree, the current folder) is left alone."""
+    out_dir = os.path.abspath(out_dir)
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise CheckpointError(f"{out_dir}: exists and is not a model folder; choose a new or empty output folder")
+    foreign = sorted(n for n in os.listdir(out_dir) if not _is_model_file(n))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CheckpointError(
+            f"{out_dir}: holds files a model export does not write ({shown}); nothing was replaced: "
+            "choose a new or empty output folder"
+        )
+
+
 def publish_dir(tmp: str, out_dir: str) -> str:
-    """Move a fully written temp directory into place at `out_dir`, replacing an old one."""
+    """Move a fully written temp folder into place at `out_dir`.
+
+    An existing `out_dir` must pass `check_publish_target`. It is renamed aside, the new folder is
+    renamed in, and only then is the old one deleted, so a crash at any point leaves a whole model
+    at `out_dir` or beside it, never none."""
+    out_dir = os.path.abspath(out_dir)
+    check_publish_target(out_dir)
     os.chmod(tmp, 0o755)
+    old = None
     if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+        os.rmdir(old)
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None and not os.path.exists(out_dir):
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
