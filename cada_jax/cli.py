@@ -123,6 +123,12 @@ def main(argv=None) -> int:
             raise
         print(f"cada {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:
+        if os.environ.get("CADA_DEBUG"):
+            raise
+        print(f"cada {args.command}: error: {' '.join(str(e).split())} (a dependency is missing from this environment: "
+              "reinstall with `make venv`, or `pip install -c requirements.lock -e .` in a checkout)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"cada {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -136,7 +136,8 @@ def _evaluate(cfg: Config, model: _Model, out_dir: str, tag: str) -> dict:
     try:
         return evaluate(model.params, model.cfg, model.tokenizer, records, variant="none", attacks=tuple(e.attacks),
                         judge=judge_from_config(cfg, e.judge, model.dir), sampling=sp, batch_size=e.batch_size,
-                        out_dir=out_dir, sampler=model.sampler, tag=tag, model_name=model.dir, seed=cfg.run.seed)
+                        out_dir=out_dir, sampler=model.sampler, tag=tag, model_name=model.dir, seed=cfg.run.seed,
+                        progress=cfg.run.progress)
     finally:
         model.sampler.release_weights()  # the training stages that follow need the memory
 
