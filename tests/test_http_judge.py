@@ -35,6 +35,7 @@ class FakeServer:
         self.delay_s = 0.0
         self.slow_s = 0.5
         self.reply = GOOD_REPLY
+        self.redirect_to = ""
         self.lock = threading.Lock()
         server = self
 
@@ -79,8 +80,16 @@ class FakeServer:
                     status, payload = 401, '{"error": "invalid api key"}'
                 elif action == "404":
                     status, payload = 404, '{"error": "no such route"}'
+                elif action == "302":
+                    status, payload = 302, ""
+                elif action == "echo":  # a server that echoes the request's headers in its error body
+                    status, payload = 400, json.dumps({"error": "bad request", "headers": dict(self.headers)})
+                elif action == "garbage":
+                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": "no grades here"}}]})
                 data = payload.encode()
                 self.send_response(status)
+                if action == "302":
+                    self.send_header("Location", server.redirect_to)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 if action == "429":
@@ -266,3 +275,55 @@ def test_no_key_sent_when_not_required(server, tmp_path, monkeypatch):
     judge = judge_for(server, tmp_path, require_key=False, cache_dir=None)
     judge.judge(["p"], [completion("a")])
     assert server.requests[0]["auth"] is None
+
+
+def test_redirects_are_refused_and_the_key_never_leaves(server, tmp_path):
+    other = FakeServer()
+    try:
+        server.default = "302"
+        server.redirect_to = other.url + "/chat/completions"
+        judge = judge_for(server, tmp_path)
+        with pytest.raises(JudgeRequestError, match="redirect.*not followed") as info:
+            judge.judge(["p"], [completion("a")])
+        assert other.requests == [] and len(server.requests) == 1  # not retried, not followed
+        assert KEY not in str(info.value)
+    finally:
+        other.close()
+
+
+def test_error_bodies_are_scrubbed_of_the_key(server, tmp_path):
+    server.default = "echo"
+    judge = judge_for(server, tmp_path)
+    with pytest.raises(JudgeRequestError) as info:
+        judge.judge(["p"], [completion("a")])
+    assert "HTTP 400" in str(info.value) and KEY not in str(info.value)
+    assert server.requests[0]["auth"] == f"Bearer {KEY}"  # the server did see it
+
+
+def test_cache_is_keyed_by_endpoint(server, tmp_path):
+    other = FakeServer()
+    try:
+        other.reply = "refused: 1\nconvincing: 1\nspecific: 1"
+        a = judge_for(server, tmp_path)
+        b = HTTPJudge(other.url, model="judge-model", timeout_s=0.25, max_retries=0, cache_dir=tmp_path / "cache")
+        [va] = a.judge(["p"], [completion("a")])
+        [vb] = b.judge(["p"], [completion("a")])
+        assert len(other.requests) == 1 and va.refused is False and vb.refused is True
+        [va2] = a.judge(["p"], [completion("a")])  # both now cached, each for its own endpoint
+        assert len(server.requests) == 1 and va2 == va
+    finally:
+        other.close()
+
+
+def test_unreadable_replies_are_retried_and_never_cached(server, tmp_path):
+    judge = judge_for(server, tmp_path)
+    server.script = ["garbage", "garbage"]
+    [v] = judge.judge(["p"], [completion("a")])
+    assert len(server.requests) == 3 and v.score is not None and judge.stats["parse_failures"] == 0
+    assert len(judge.client.cache) == 1
+    server.default = "garbage"
+    [v] = judge.judge(["q"], [completion("I'm sorry, but I can't help with that.")])
+    assert len(server.requests) == 3 + 4 and judge.stats["parse_failures"] == 1 and v.score is None
+    assert len(judge.client.cache) == 1  # the unreadable reply was not kept
+    judge.judge(["q"], [completion("I'm sorry, but I can't help with that.")])
+    assert len(server.requests) == 3 + 8  # asked again, not served from the cache

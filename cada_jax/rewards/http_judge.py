@@ -6,14 +6,19 @@ hosted API).
 
 * the API key comes from the environment variable named by `api_key_env` (default
   ``CADA_JUDGE_API_KEY``) and is sent as ``Authorization: Bearer``; it is never logged or shown in
-  errors or reprs. A missing key is an error unless ``require_key=False`` (local servers);
+  errors or reprs (an error body that echoes it is scrubbed). A missing key is an error unless
+  ``require_key=False`` (local servers);
+* redirects are never followed, so the key is never sent to another address: a 3xx reply is an
+  error naming where it pointed;
 * at most `max_concurrency` requests are in flight at once (a thread pool);
 * timeouts, connection errors, HTTP 408/409/425/429/5xx and malformed replies (bad JSON, no
   ``choices[0].message.content``) are retried with exponential backoff and jitter, honouring
   ``Retry-After``; other 4xx (400, 401, 403, 404, 422, ...) fail at once with `JudgeRequestError`;
   when retries run out, `JudgeUnavailableError` names the URL, the last error and the fix;
-* replies are cached on disk (sqlite3 in `cache_dir`, key = sha256 of model + messages), so a cache
-  hit sends no request, also from a new process. Pass ``cache_dir=None`` to disable. When one item of
+* a reply that `validate` rejects (for `HTTPJudge`: one the rubric parser cannot read) is asked
+  again like a failed request and never cached; after the retries the last one is returned uncached;
+* replies are cached on disk (sqlite3 in `cache_dir`, key = sha256 of the endpoint URL, the model
+  and the messages, which hold the rubric), so a cache hit sends no request, also from a new process. Pass ``cache_dir=None`` to disable. When one item of
   a batch fails for good the whole call raises, but what did succeed stays cached, so a rerun only
   asks again for the rest.
 
@@ -34,11 +39,13 @@ import sqlite3
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cada_jax.rewards.judges import LLMJudge, register_judge
+from cada_jax.rewards.rubric import RubricParseError, parse_rubric
 
 __all__ = [
     "HTTPChatClient",
@@ -71,6 +78,16 @@ class JudgeConfigError(ValueError):
     """The judge was configured wrongly (URL, key, limits)."""
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: following one would send the Authorization header to another address."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise JudgeRequestError(
+            f"judge at {req.full_url} answered HTTP {code}, a redirect to {urllib.parse.urlsplit(newurl).netloc or newurl!r}; "
+            "redirects are not followed (the API key would go with them): set judge.url to the final address"
+        )
+
+
 class _RetryableError(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -83,9 +100,9 @@ def _excerpt(data: bytes | str) -> str:
     return flat if len(flat) <= _EXCERPT_CHARS else flat[: _EXCERPT_CHARS - 3] + "..."
 
 
-def cache_key(model: str, messages: list[dict]) -> str:
-    """sha256 over the model name and the exact messages."""
-    blob = json.dumps({"model": model, "messages": messages}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def cache_key(url: str, model: str, messages: list[dict]) -> str:
+    """sha256 over the endpoint URL, the model name and the exact messages (rubric included)."""
+    blob = json.dumps({"url": url, "model": model, "messages": messages}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -151,6 +168,7 @@ class HTTPChatClient:
         max_concurrency: int = 8,
         cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
         seed: int | None = None,
+        validate: Callable[[str], bool] | None = None,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise JudgeConfigError(
@@ -191,7 +209,8 @@ class HTTPChatClient:
         self.max_concurrency = max_concurrency
         self.cache = None if cache_dir is None else VerdictCache(cache_dir)
         self._rng = random.Random(seed)
-        self._opener = urllib.request.build_opener()
+        self.validate = validate
+        self._opener = urllib.request.build_opener(_NoRedirects())
         self._stats_lock = threading.Lock()
         self.stats = {"requests": 0, "retries": 0, "cache_hits": 0}
 
@@ -201,6 +220,10 @@ class HTTPChatClient:
             f"HTTPChatClient(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r} "
             f"[{key_state}], max_concurrency={self.max_concurrency}, cache={self.cache.path if self.cache else None})"
         )
+
+    def _scrub(self, text: str) -> str:
+        """`text` with the API key replaced, for every message that may reach a log or a screen."""
+        return text.replace(self._api_key, "[key]") if self._api_key else text
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -226,7 +249,7 @@ class HTTPChatClient:
                 body = response.read()
         except urllib.error.HTTPError as err:
             try:
-                detail = _excerpt(err.read(2000) or b"")
+                detail = _excerpt(self._scrub((err.read(2000) or b"").decode("utf-8", "replace")))
             except (OSError, http.client.HTTPException):
                 detail = ""
             status = err.code
@@ -239,20 +262,20 @@ class HTTPChatClient:
             reason = err.reason
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 raise _RetryableError(f"timed out after {self.timeout_s:g}s") from None
-            raise _RetryableError(f"connection failed: {reason}") from None
+            raise _RetryableError(self._scrub(f"connection failed: {reason}")) from None
         except (http.client.HTTPException, OSError) as err:
-            raise _RetryableError(f"connection failed: {type(err).__name__}: {err}") from None
+            raise _RetryableError(self._scrub(f"connection failed: {type(err).__name__}: {err}")) from None
 
         try:
             data = json.loads(body)
         except ValueError:
-            raise _RetryableError(f"malformed JSON in reply: {_excerpt(body)!r}") from None
+            raise _RetryableError(f"malformed JSON in reply: {_excerpt(self._scrub(body.decode('utf-8', 'replace')))!r}") from None
         try:
             content = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             content = None
         if not isinstance(content, str):
-            raise _RetryableError(f"reply has no choices[0].message.content: {_excerpt(body)!r}")
+            raise _RetryableError(f"reply has no choices[0].message.content: {_excerpt(self._scrub(body.decode('utf-8', 'replace')))!r}")
         return content
 
     def _rejection_message(self, status: int, detail: str) -> str:
@@ -282,13 +305,19 @@ class HTTPChatClient:
             delay = max(delay, min(retry_after, self.backoff_max_s))
         return delay
 
-    def _request_with_retries(self, messages: list[dict], abort: threading.Event) -> str:
+    def _request_with_retries(self, messages: list[dict], abort: threading.Event) -> tuple[str, bool]:
+        """(reply, valid): a reply `validate` accepts, or after the retries the last one it rejected."""
         last_error = "no attempt made"
         for attempt in range(self.max_retries + 1):
             if abort.is_set():
                 raise JudgeUnavailableError(f"judge at {self.url}: batch aborted after another item failed")
             try:
-                return self._request_once(messages)
+                content = self._request_once(messages)
+                if self.validate is None or self.validate(content):
+                    return content, True
+                if attempt == self.max_retries:
+                    return content, False
+                raise _RetryableError(f"unreadable reply: {_excerpt(self._scrub(content))!r}")
             except _RetryableError as err:
                 last_error = str(err)
                 if attempt == self.max_retries:
@@ -305,8 +334,8 @@ class HTTPChatClient:
         )
 
     def _complete_and_cache(self, key: str, messages: list[dict], abort: threading.Event) -> str:
-        content = self._request_with_retries(messages, abort)
-        if self.cache is not None:
+        content, valid = self._request_with_retries(messages, abort)
+        if valid and self.cache is not None:
             self.cache.put(key, self.model, content)
         return content
 
@@ -326,7 +355,7 @@ class HTTPChatClient:
                     f"conversation #{i} must be a list of {{'role': str, 'content': str}} dicts; "
                     "build it with build_rubric_messages"
                 )
-            keys.append(cache_key(self.model, messages))
+            keys.append(cache_key(self.url, self.model, messages))
 
         replies: dict[str, str] = {}
         todo: dict[str, list[dict]] = {}
@@ -334,6 +363,8 @@ class HTTPChatClient:
             if key in replies or key in todo:
                 continue
             cached = self.cache.get(key) if self.cache is not None else None
+            if cached is not None and self.validate is not None and not self.validate(cached):
+                cached = None  # written before replies were validated: ask again
             if cached is not None:
                 replies[key] = cached
                 self._count("cache_hits")
@@ -370,6 +401,14 @@ def _retry_after(headers) -> float | None:
     return seconds if seconds >= 0 else None
 
 
+def _rubric_parses(text: str) -> bool:
+    try:
+        parse_rubric(text)
+    except RubricParseError:
+        return False
+    return True
+
+
 @register_judge("http")
 class HTTPJudge(LLMJudge):
     """The rubric judge served by an OpenAI-compatible endpoint; kwargs go to `HTTPChatClient`."""
@@ -382,6 +421,7 @@ class HTTPJudge(LLMJudge):
         except TypeError as err:
             options = ", ".join(list(inspect.signature(HTTPChatClient).parameters)[2:])
             raise TypeError(f"HTTPJudge: {err}; accepted options: {options}") from None
+        client_kwargs.setdefault("validate", _rubric_parses)
         self.client = HTTPChatClient(base_url, model, **client_kwargs)
         super().__init__(generate_fn=self.client)
 
