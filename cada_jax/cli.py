@@ -116,8 +116,13 @@ def _load_extra_commands():
 def main(argv=None) -> int:
     _load_extra_commands()
     args = build_parser().parse_args(argv)
+    from cada_jax.errors import EXIT_PREEMPTED, Preempted
+
     try:
         return int(args.fn(args) or 0)
+    except Preempted as e:
+        print(f"cada {args.command}: preempted: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         if os.environ.get("CADA_DEBUG"):
             raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -102,6 +103,7 @@ class OptimSection:
     b2: float = _f(0.999, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "clip gradients to this global norm; 0 disables clipping")
+    max_skipped_in_a_row: int = _f(8, "stop with an error after this many consecutive updates skipped for a non-finite loss or gradient; 0 = never")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer update (optax.MultiSteps)")
 
     def __post_init__(self):
@@ -114,6 +116,7 @@ class OptimSection:
         _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _check(self.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0 disables), got {self.max_grad_norm}")
         _check(self.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.max_skipped_in_a_row >= 0, "optim.max_skipped_in_a_row", f"must be >= 0 (0 = never stop), got {self.max_skipped_in_a_row}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,14 +481,19 @@ def _coerce(value: Any, tp, key: str, where: str):
             return value
         raise bad()
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads '1e-5' (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads '1e-5' (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise bad()
+        if number is None:
+            raise bad()
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: {key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

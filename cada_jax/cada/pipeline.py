@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from cada_jax.config import Config, dump_yaml
+from cada_jax.errors import Preempted
 from cada_jax.files import atomic_write_json
 
 
@@ -226,6 +227,9 @@ def run_pipeline(cfg: Config) -> dict:
         return loaded[path]
 
     def finish(stage: str, info: dict) -> None:
+        if info.get("preempted"):
+            raise Preempted(f"{stage} stage stopped by a signal at step {info.get('steps')} after saving a checkpoint in "
+                            f"{run_dir}/{stage}; rerun the same command to resume")
         done[stage] = info
         _write_state(run_dir, state)
 
@@ -283,6 +287,8 @@ def run_pipeline(cfg: Config) -> dict:
             sft=dataclasses.replace(cfg.sft, data=data),
         )
         info = train_sft(sub)
+        if info.get("preempted"):
+            finish("sft", info)  # raises Preempted: the stage is not recorded as done
         current = os.path.join(run_dir, "sft", "final")
         done["current_model"] = current
         finish("sft", {"final": current, **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
@@ -321,6 +327,8 @@ def run_pipeline(cfg: Config) -> dict:
             rl=rl,
         )
         info = train_grpo(sub, records=records)
+        if info.get("preempted"):
+            finish("rl", info)  # raises Preempted: the stage is not recorded as done
         current = os.path.join(run_dir, "rl", "final")
         done["current_model"] = current
         finish("rl", {"final": current, **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})

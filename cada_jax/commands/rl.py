@@ -30,6 +30,11 @@ def cmd_rl(args) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train_grpo(cfg)
     main_print(json.dumps(summary))
+    if summary.get("preempted"):
+        from cada_jax.errors import EXIT_PREEMPTED
+
+        main_print(f"cada rl: preempted at step {summary.get('steps')} after saving a checkpoint; rerun the same command to resume")
+        return EXIT_PREEMPTED
     return 0
 
 

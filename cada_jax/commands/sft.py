@@ -29,6 +29,11 @@ def cmd_sft(args) -> int:
 
     summary = train_sft(load_config(args.config, args.overrides))
     main_print(json.dumps(summary, default=str))
+    if summary.get("preempted"):
+        from cada_jax.errors import EXIT_PREEMPTED
+
+        main_print(f"cada sft: preempted at step {summary.get('steps')} after saving a checkpoint; rerun the same command to resume")
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -8,7 +8,15 @@ A checkpoint at step s holds three items:
 
 Orbax writes each step into a temporary directory and renames it when every item is finalised,
 so `restore_latest` only ever sees complete checkpoints; an interrupted save leaves a temporary
-directory that orbax ignores. Saves may be asynchronous (the device-to-host copy is synchronous,
+directory that orbax ignores.
+
+What is restored is verified: every save records a fingerprint of the state's arrays (a
+wrapping sum of each array's bits) in ``meta``, and refuses a state whose floating-point arrays
+are not finite. `restore_latest` recomputes the fingerprint and checks finiteness; a checkpoint
+that fails, or that orbax cannot read (truncated, emptied), is moved aside to
+``<dir>.corrupt/<step>`` with a one-line warning, and the next older one is tried. Since only
+healthy states are saved and damaged ones leave the rotation, rotation never deletes the last
+healthy checkpoint in favour of a damaged one. Saves may be asynchronous (the device-to-host copy is synchronous,
 the file writes run in a background thread): call `close()` (or use the object as a context
 manager) before the process exits.
 
@@ -31,7 +39,62 @@ import orbax.checkpoint as ocp
 from cada_jax.config import CheckpointSection
 from cada_jax.rl.optim import TrainState
 
-__all__ = ["Checkpointer", "Restored", "PreemptionGuard"]
+__all__ = ["Checkpointer", "CheckpointCorrupt", "CheckpointMismatch", "NonFiniteState", "Restored", "PreemptionGuard", "SkipStreak", "fingerprint"]
+
+_INTEGRITY = "_integrity"
+
+
+class CheckpointCorrupt(ValueError):
+    """A checkpoint whose arrays do not match what was saved, or cannot be read."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written for another model, LoRA or optimizer configuration."""
+
+
+class NonFiniteState(ValueError):
+    """A train state with NaN or infinite values, which is never saved."""
+
+
+def _bits_sum(x):
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    width = x.dtype.itemsize
+    if width in (1, 2, 4) and x.dtype != jnp.uint32:
+        x = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]).astype(jnp.uint32)
+    elif width == 8:
+        x = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    return jnp.sum(x, dtype=jnp.uint32)
+
+
+def _all_finite(x):
+    import jax.numpy as jnp
+
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.all(jnp.isfinite(x))
+    return jnp.bool_(True)
+
+
+@jax.jit
+def _fingerprint_device(tree):
+    leaves = jax.tree.leaves(tree)
+    return [_bits_sum(x) for x in leaves], [_all_finite(x) for x in leaves]
+
+
+def fingerprint(tree) -> tuple[list[int], list[str]]:
+    """(a wrapping uint32 sum of each leaf's bits, the paths of leaves with NaN / inf values).
+
+    Computed on the devices where the arrays live (a sharded array reduces collectively), so it
+    costs one pass over the state and no host copy."""
+    sums, finite = _fingerprint_device(tree)
+    paths = [".".join(_key_name(k) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    bad = [p for p, ok in zip(paths, finite) if not bool(ok)]
+    return [int(v) for v in sums], bad
 
 
 class Restored(tuple):
@@ -96,10 +159,17 @@ class Checkpointer:
         step = int(step)
         if step in self._saved or not (force or self.should_save(step)):
             return False
+        arrays = state.arrays()
+        sums, bad = fingerprint(arrays)
+        if bad:
+            raise NonFiniteState(
+                f"{self.directory}: the train state at step {step} has non-finite values ({', '.join(bad[:3])}); "
+                "it was not saved, and the earlier checkpoints are kept: lower optim.lr or check the data"
+            )
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state.arrays()),
+            state=ocp.args.StandardSave(arrays),
             data=ocp.args.JsonSave(dict(data_state or {})),
-            meta=ocp.args.JsonSave(dict(meta or {})),
+            meta=ocp.args.JsonSave({**dict(meta or {}), _INTEGRITY: {"sums": sums}}),
         )
         self.manager.save(step, args=args, force=True)
         self._saved.add(step)
@@ -129,7 +199,15 @@ class Checkpointer:
         # Orbax hands namedtuples (optax states) back as plain tuples: put the leaves back into
         # the exact tree structure of the live state.
         arrays = jax.tree.unflatten(treedef, jax.tree.leaves(out["state"]))
-        return Restored(state.with_arrays(arrays), dict(out["data"] or {}), dict(out["meta"] or {}), int(step))
+        meta = dict(out["meta"] or {})
+        saved = meta.pop(_INTEGRITY, None)
+        sums, bad = fingerprint(arrays)
+        if bad:
+            raise CheckpointCorrupt(f"non-finite values in {', '.join(bad[:3])}")
+        if saved is not None and list(saved.get("sums", [])) != sums:
+            n = sum(a != b for a, b in zip(saved.get("sums", []), sums))
+            raise CheckpointCorrupt(f"{n} arrays differ from what was saved")
+        return Restored(state.with_arrays(arrays), dict(out["data"] or {}), meta, int(step))
 
     def _check_fits(self, step: int, abstract) -> None:
         """Refuse (before reading any array) a checkpoint whose arrays differ from the live state."""
@@ -138,24 +216,53 @@ class Checkpointer:
         hint = "it was written by a different model/LoRA/optimizer config — use a new checkpoint.dir"
         missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
         if missing or extra:
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"{self.directory}/{step}: checkpoint arrays differ from the train state (missing: {missing[:3]}, "
                 f"unexpected: {extra[:3]}); {hint}"
             )
         for name, exp in want.items():
             got = stored[name]
             if tuple(got.shape) != tuple(exp.shape) or np.dtype(got.dtype) != np.dtype(exp.dtype):
-                raise ValueError(
+                raise CheckpointMismatch(
                     f"{self.directory}/{step}: checkpoint array {name} is {np.dtype(got.dtype).name}"
                     f"{tuple(got.shape)} but the train state needs {np.dtype(exp.dtype).name}{tuple(exp.shape)}; {hint}"
                 )
 
     def restore_latest(self, state: TrainState) -> Restored | None:
-        """The newest complete checkpoint as (state, data_state, meta, step), or None if there is none."""
-        step = self.manager.latest_step()
-        if step is None:
-            return None
-        return self.restore(step, state)
+        """The newest healthy checkpoint as (state, data_state, meta, step), or None if there is none.
+
+        A checkpoint that cannot be read or fails its integrity check is moved aside (with a
+        warning) and the next older one is tried. One written for a different model or optimizer
+        is an error, not a fallback (`_check_fits`)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, state)
+            except CheckpointMismatch:
+                raise
+            except CheckpointCorrupt as e:
+                self._set_aside(step, str(e))
+            except Exception as e:  # orbax / tensorstore errors on damaged files
+                self._set_aside(step, f"it cannot be read: {type(e).__name__}: {' '.join(str(e).split())[:120]}")
+        return None
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Move a damaged checkpoint out of the rotation, to `<dir>.corrupt/<step>`."""
+        aside_root = self.directory.rstrip(os.sep) + ".corrupt"
+        aside = os.path.join(aside_root, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(aside_root, exist_ok=True)
+            if os.path.exists(aside):
+                aside = f"{aside}.{len(os.listdir(aside_root))}"
+            os.replace(os.path.join(self.directory, str(step)), aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"cada_set_aside_{step}")
+        if jax.process_index() == 0:
+            print(f"warning: checkpoint {self.directory}/{step} is damaged ({reason}); moved to {aside}, "
+                  "trying the previous one", flush=True)
+        self.manager.reload()
+        self._saved.discard(int(step))
 
     # ------------------------------------------------------------------ lifecycle
     def wait(self) -> None:
@@ -170,6 +277,31 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SkipStreak:
+    """Stops a run whose updates keep being skipped for non-finite losses or gradients.
+
+    The trainers skip such an update (the state stays as it was) and report `skipped`; after
+    `limit` skipped updates in a row (`optim.max_skipped_in_a_row`; 0 = never) `update` raises,
+    so a diverged run ends with an error instead of finishing on weights it never changed."""
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.run = 0
+        self.first = None
+
+    def update(self, step: int, skipped: int) -> None:
+        if not skipped:
+            self.run, self.first = 0, None
+            return
+        self.run += 1
+        self.first = step if self.first is None else self.first
+        if self.limit and self.run >= self.limit:
+            raise NonFiniteState(
+                f"{self.run} updates in a row were skipped for a non-finite loss or gradient (steps {self.first}-{step}); "
+                "the last healthy checkpoint is kept: lower optim.lr, check the data, or raise optim.max_skipped_in_a_row"
+            )
 
 
 class PreemptionGuard:

@@ -76,7 +76,7 @@ from cada_jax.models.config import ModelConfig
 from cada_jax.models import decoder as _decoder
 from cada_jax.rl import placement
 from cada_jax.rl.advantages import compute_advantages, get_advantage, group_has_signal
-from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard
+from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
 from cada_jax.rl.losses import LossConfig, policy_loss, token_logprobs, token_logprobs_and_entropy
@@ -438,7 +438,11 @@ class GRPOTrainer:
         # State: resume reads arrays straight from the checkpoint into their shards (no second
         # copy of full weights); weights are loaded straight into their shards.
         self.ckpt = Checkpointer.from_config(cfg.checkpoint, self.run_dir)
-        resuming = self.ckpt.latest_step() is not None
+        where = dict(model_cfg=self.model_cfg, lora_cfg=self.lora_cfg, mesh=self.mesh)
+        restored = None
+        if self.ckpt.latest_step() is not None:  # the newest healthy checkpoint (damaged ones are set aside)
+            restored = self.ckpt.restore_latest(placement.abstract_state(tx, state_key, **where))
+        resuming = restored is not None
         need_base = self.lora_cfg is not None or not resuming or rl.beta > 0
         base = None
         if need_base:
@@ -462,10 +466,7 @@ class GRPOTrainer:
             self.reference = None
         del base
         self.step = 0
-        where = dict(model_cfg=self.model_cfg, lora_cfg=self.lora_cfg, mesh=self.mesh)
         if resuming:
-            template = placement.abstract_state(tx, state_key, **where)
-            restored = self.ckpt.restore_latest(template)
             self.state, self.step = restored.state, restored.step
             if int(self.state.step) != self.step * self.micro_per_step:
                 raise ValueError(
@@ -748,11 +749,13 @@ class GRPOTrainer:
         logger = MetricsLogger(self.run_dir, rl.steps, resume_step=self.step, show_keys=("reward_mean", "kl", "lr"),
                                progress=cfg.run.progress)
         sigterm_at = os.environ.get(SIGTERM_ENV)
+        streak = SkipStreak(cfg.optim.max_skipped_in_a_row)
         try:
             with PreemptionGuard() as guard:
                 while self.step < rl.steps:
                     metrics = self.train_step()
                     summary["skipped"] += int(metrics["skipped"])
+                    streak.update(self.step, int(metrics["skipped"]))
                     summary["groups_dropped"] += int(metrics.get("groups_dropped", 0))
                     if summary["first_reward"] is None:
                         summary["first_reward"] = metrics["reward_mean"]

@@ -59,7 +59,7 @@ import numpy as np
 from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import Decoder
-from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard
+from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
 from cada_jax.rl.losses import token_logprobs
@@ -427,7 +427,11 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
     # Resuming builds the state only abstractly and reads the arrays straight from the
     # checkpoint, so a full fine-tune never holds two copies of the weights.
     ckpt = Checkpointer.from_config(cfg.checkpoint, run_dir)
-    resuming = ckpt.latest_step() is not None
+    where = dict(model_cfg=model_cfg, lora_cfg=lora_cfg, mesh=mesh)
+    restored = None
+    if ckpt.latest_step() is not None:  # the newest healthy checkpoint (damaged ones are set aside)
+        restored = ckpt.restore_latest(placement.abstract_state(tx, state_key, **where))
+    resuming = restored is not None
     base = None
     if lora_cfg is not None or not resuming:
         from cada_jax.checkpoints.hf import load_params
@@ -443,10 +447,7 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
     frozen = base if lora_cfg is not None else None
     del base
     start = 0
-    where = dict(model_cfg=model_cfg, lora_cfg=lora_cfg, mesh=mesh)
     if resuming:
-        template = placement.abstract_state(tx, state_key, **where)
-        restored = ckpt.restore_latest(template)
         state, start = restored.state, restored.step
         if int(state.step) != start:
             raise ValueError(f"{ckpt.directory}/{start}: saved state.step={int(state.step)} differs from the checkpoint step; the checkpoint is corrupt")
@@ -463,6 +464,7 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
         "last_loss": None, "export_dir": None,
     }
     shapes: set[int] = set()
+    streak = SkipStreak(cfg.optim.max_skipped_in_a_row)
     step = start
     logger = MetricsLogger(run_dir, total_steps, resume_step=start, show_keys=("loss", "accuracy", "lr"),
                            progress=run.progress)
@@ -482,6 +484,7 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
                     summary["first_loss"] = row["loss"] if summary["first_loss"] is None else summary["first_loss"]
                     summary["last_loss"] = row["loss"]
                     summary["skipped"] += int(row["skipped"])
+                    streak.update(step, int(row["skipped"]))
                 ckpt.save(step, state, iterator_state(it), meta)
                 _pause_for_test(step, guard, run_dir)
                 if step < total_steps and guard.should_stop():

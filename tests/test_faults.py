@@ -1,0 +1,142 @@
+"""Fault injection: damaged checkpoints, non-finite states and configs, diverged runs.
+
+Each test breaks one thing the way a crash, a full disk or a careless user would, and checks that
+the run either recovers what it can or stops with a one-line error, and never loses healthy work."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cada_jax.config import ConfigError, load_config
+from cada_jax.rl.checkpointing import Checkpointer, NonFiniteState, SkipStreak
+from tests.test_checkpointing import as_np, fresh_state, trained_state
+
+
+def _files(root):
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
+def _two_checkpoints(directory):
+    s1, s2 = trained_state(1), trained_state(2)
+    with Checkpointer(directory, every_steps=1, keep=3, async_save=False) as ck:
+        ck.save(1, s1)
+        ck.save(2, s2)
+    return s1, s2
+
+
+def _flip(path, n=64):
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    for i in range(mid, min(mid + n, len(data))):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, damage):
+    d = str(tmp_path / "ck")
+    s1, _ = _two_checkpoints(d)
+    data_files = [f for f in _files(os.path.join(d, "2", "state")) if os.path.getsize(f) > 0]
+    victim = max(data_files, key=os.path.getsize)
+    if damage == "flip":
+        _flip(victim)
+    elif damage == "truncate":
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+    else:
+        for f in data_files:
+            open(f, "wb").close()
+    with Checkpointer(d, every_steps=1, keep=3) as ck:
+        got = ck.restore_latest(fresh_state(seed=3))
+        assert got is not None and got.step == 1
+        jax.tree.map(np.testing.assert_array_equal, as_np(got.state.arrays()), as_np(s1.arrays()))
+        assert ck.all_steps() == [1]
+        # the next save at step 2 is written again (the damaged one is out of the rotation)
+        assert ck.save(2, trained_state(2))
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and f"{d}/2 is damaged" in warning[0] and "ck.corrupt" in warning[0]
+    assert os.path.isdir(str(tmp_path / "ck.corrupt" / "2"))
+
+
+def test_non_finite_state_is_never_saved_and_healthy_checkpoints_stay(tmp_path):
+    d = str(tmp_path / "ck")
+    good = trained_state(1)
+    bad = good.replace(params={**good.params, "w": good.params["w"].at[0, 0].set(jnp.nan)})
+    with Checkpointer(d, every_steps=1, keep=1, async_save=False) as ck:
+        ck.save(1, good)
+        with pytest.raises(NonFiniteState, match="non-finite values.*params.w.*was not saved"):
+            ck.save(2, bad)
+        assert ck.all_steps() == [1]
+
+
+def test_a_nan_written_behind_the_checkpointers_back_is_caught(tmp_path):
+    d = str(tmp_path / "ck")
+    _two_checkpoints(d)
+    import orbax.checkpoint as ocp
+
+    # rewrite step 2's state through orbax itself, with a NaN and no fingerprint update
+    with Checkpointer(d, every_steps=1, keep=3) as ck:
+        restored = ck.restore(2, fresh_state())
+    arrays = restored.state.arrays()
+    arrays["params"]["v"] = arrays["params"]["v"].at[0].set(jnp.nan)
+    ocp.StandardCheckpointer().save(os.path.join(d, "2", "state"), arrays, force=True)
+    ocp.StandardCheckpointer().wait_until_finished()
+    with Checkpointer(d, every_steps=1, keep=3) as ck:
+        assert ck.restore_latest(fresh_state()).step == 1
+
+
+def test_a_run_of_skipped_updates_stops_with_a_clear_error():
+    streak = SkipStreak(3)
+    for step, skipped in enumerate([1, 1, 0, 1, 1], start=1):
+        streak.update(step, skipped)
+    with pytest.raises(NonFiniteState, match=r"3 updates in a row were skipped .*steps 4-6.*max_skipped_in_a_row"):
+        streak.update(6, 1)
+    never = SkipStreak(0)
+    for step in range(100):
+        never.update(step, 1)
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.inf", "optim.lr=nan", "rl.beta=-.inf", "rl.temperature=1e999"])
+def test_non_finite_config_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: must be a finite number"):
+        load_config(None, [override])
+
+
+def test_a_preempted_run_exits_with_the_documented_code(tmp_path, monkeypatch, capsys):
+    from cada_jax import cli
+    from cada_jax.errors import EXIT_PREEMPTED
+    from cada_jax.rl import grpo, sft
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run: {out_dir: %s}\n" % tmp_path)
+    monkeypatch.setattr(sft, "train_sft", lambda cfg: {"preempted": True, "steps": 3})
+    monkeypatch.setattr(grpo, "train_grpo", lambda cfg: {"preempted": True, "steps": 2})
+    assert cli.main(["sft", str(cfg)]) == EXIT_PREEMPTED == 75
+    assert "preempted at step 3" in capsys.readouterr().out
+    assert cli.main(["rl", str(cfg)]) == EXIT_PREEMPTED
+    monkeypatch.setattr(sft, "train_sft", lambda cfg: {"preempted": False, "steps": 3})
+    assert cli.main(["sft", str(cfg)]) == 0
+
+
+def test_a_preempted_pipeline_stage_is_not_recorded_as_done(tmp_path, monkeypatch):
+    import json
+
+    from cada_jax.cada import pipeline
+    from cada_jax.errors import Preempted
+    from cada_jax.rl import sft
+
+    chains = tmp_path / "chains.jsonl"
+    chains.write_text(json.dumps({"prompt": "hi", "completion": "hello"}) + "\n")
+    from cada_jax.checkpoints import gguf_import
+
+    monkeypatch.setattr(gguf_import, "resolve_model", lambda path: path)
+    monkeypatch.setattr(sft, "train_sft", lambda cfg: {"preempted": True, "steps": 4})
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.name=p", "pipeline.stages=[sft]", f"sft.data={chains}",
+                             f"model.path={tmp_path}"])
+    with pytest.raises(Preempted, match="sft stage stopped by a signal at step 4.*rerun the same command"):
+        pipeline.run_pipeline(cfg)
+    state_file = tmp_path / "p" / "pipeline_state.json"
+    assert not state_file.exists() or "sft" not in json.loads(state_file.read_text())["done"]
