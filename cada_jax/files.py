@@ -39,3 +39,28 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def read_jsonl_objects(path: str | Path, error: type[Exception], *, what: str) -> list[dict]:
+    """The JSON objects of a JSONL file, one per non-blank line.
+
+    A line that is not UTF-8, not JSON or not an object raises `error` naming `path:line` and the
+    fix; `what` says what each object should hold (for that message)."""
+    out: list[dict] = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{i}: not UTF-8 text (byte {e.start} of the line is {raw[e.start]:#04x}); "
+                            "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{i}: invalid JSON ({e.msg}); one JSON object per line") from None
+            if not isinstance(rec, dict):
+                raise error(f"{path}:{i}: expected a JSON object with {what}, got {type(rec).__name__}")
+            out.append(rec)
+    return out

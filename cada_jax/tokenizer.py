@@ -76,7 +76,15 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise TokenizerError(f"{self.model_dir}: the tokenizer has no chat template; add 'chat_template' to tokenizer_config.json")
-        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        import jinja2
+
+        try:
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(
+                f"{self.model_dir}: the chat template cannot be rendered ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                "fix or replace 'chat_template' in tokenizer_config.json"
+            ) from None
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))

@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # Declared dependencies that no module imports by name, and why they are declared.
 USED_INDIRECTLY = {
     "jaxlib": "jax's compiled backend; declared for its version bounds",
-    "jinja2": "transformers renders chat templates with it but does not install it",
 }
 
 

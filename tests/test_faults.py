@@ -3,6 +3,7 @@
 Each test breaks one thing the way a crash, a full disk or a careless user would, and checks that
 the run either recovers what it can or stops with a one-line error, and never loses healthy work."""
 
+import json
 import os
 
 import jax
@@ -140,3 +141,72 @@ def test_a_preempted_pipeline_stage_is_not_recorded_as_done(tmp_path, monkeypatc
         pipeline.run_pipeline(cfg)
     state_file = tmp_path / "p" / "pipeline_state.json"
     assert not state_file.exists() or "sft" not in json.loads(state_file.read_text())["done"]
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_nan_weights_are_refused_at_load(tiny_model_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from cada_jax.checkpoints.hf import load_params
+    from cada_jax.checkpoints.safetensors_io import CheckpointError
+
+    d = _copy_model(tiny_model_dir, tmp_path / "m")
+    tensors = load_file(str(d / "model.safetensors"))
+    name = next(n for n in sorted(tensors) if n.endswith("mlp.up_proj.weight"))
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, :3] = [np.nan, np.inf, -np.inf]
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{name}.*has 3 NaN or infinite values"):
+        load_params(str(d))
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"llama"', "\xff\xfe{"])
+def test_a_config_json_that_is_not_an_object_is_one_line(tiny_model_dir, tmp_path, content):
+    from cada_jax.models.config import ConfigError as ModelConfigError
+    from cada_jax.models.config import load_config as load_model_config
+
+    d = _copy_model(tiny_model_dir, tmp_path / "m")
+    (d / "config.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(ModelConfigError, match=r"config\.json: (expected a JSON object|invalid JSON|not UTF-8)"):
+        load_model_config(str(d))
+
+
+def test_non_utf8_input_files_name_their_line(tmp_path):
+    from cada_jax.data.loaders import DataFormatError, load_prompt_file
+    from cada_jax.rl.grpo import RLDataError, read_prompt_records
+    from cada_jax.rl.sft import SFTDataError, read_records
+
+    good = json.dumps({"prompt": "hi", "completion": "hello"}).encode() + b"\n"
+    bad = b'{"prompt": "caf\xe9", "completion": "x"}\n'
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(good + good + bad)
+    with pytest.raises(SFTDataError, match=rf"{path}:3: not UTF-8 text .*0xe9"):
+        read_records(str(path))
+    with pytest.raises(RLDataError, match=rf"{path}:3: not UTF-8"):
+        read_prompt_records(str(path))
+    with pytest.raises(DataFormatError, match=r"data\.jsonl.*3.*not UTF-8"):
+        list(load_prompt_file(str(path), label="harmful"))
+
+
+def test_a_hostile_chat_template_is_a_one_line_error(tiny_model_dir, tmp_path):
+    from cada_jax.tokenizer import Tokenizer, TokenizerError
+
+    d = _copy_model(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for name in ("chat_template.jinja",):
+        if (d / name).exists():
+            (d / name).unlink()
+    with pytest.raises(TokenizerError, match=r"chat template cannot be rendered \(SecurityError"):
+        Tokenizer(str(d)).apply_chat_template([{"role": "user", "content": "hi"}])
+    cfg["chat_template"] = "{% for m in messages %}{{ m.content }"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match=r"chat template cannot be rendered \(TemplateSyntaxError"):
+        Tokenizer(str(d)).apply_chat_template([{"role": "user", "content": "hi"}])

@@ -196,6 +196,12 @@ def _convert(index: _TensorIndex, name: str, spec: WeightSpec, want: tuple) -> n
             f"{index.where[name]}: tensor {name!r} has shape {tuple(raw.shape)}, which does not fit the config "
             f"(expected {want} after conversion); check config.json against the weights"
         )
+    if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+        bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+        raise CheckpointError(
+            f"{index.where[name]}: tensor {name!r} has {bad} NaN or infinite values; the weights are damaged "
+            "(re-download or re-export them)"
+        )
     return out
 
 

@@ -57,7 +57,12 @@ def read_prompt_file(path: str | Path, *, expected_label: str | None = None) -> 
         raise FileNotFoundError(f"{path}: prompt file not found; check the path")
     records: list[dict] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        lineno = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise _bad(path, lineno, None, "not UTF-8 text", "save the file as UTF-8") from None
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:

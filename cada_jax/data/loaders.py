@@ -196,12 +196,24 @@ def _text(value: Any) -> str | None:
     return s or None
 
 
+def _require_utf8(path: Path) -> None:
+    """A one-line error naming the first line that is not UTF-8 (text readers would only say 'codec')."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFormatError(f"{format_location(str(path), line)}: not UTF-8 text (byte {data[e.start]:#04x}); "
+                              "save the file as UTF-8") from None
+
+
 def _csv_source(path: Path, *, delimiter: str, expect: str = "", header: bool = True) -> _Source:
     """Rows of a delimited text file, each with the line number it starts on.
 
     With header=False the rows are dicts keyed "0", "1", ... (columns is then the list of those keys
     as found on the first row).
     """
+    _require_utf8(path)
     f = open(path, encoding="utf-8-sig", newline="")
     reader = csv.reader(f, delimiter=delimiter)
     name = str(path)
@@ -251,6 +263,7 @@ def _csv_source(path: Path, *, delimiter: str, expect: str = "", header: bool = 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
     name = str(path)
+    _require_utf8(path)
     with open(path, encoding="utf-8-sig") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -268,6 +281,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 def _json_array_items(path: Path) -> Iterator[tuple[int, Any]]:
     """Items of a top-level JSON array, each with the line its value starts on."""
     name = str(path)
+    _require_utf8(path)
     text = path.read_text(encoding="utf-8-sig")
     decoder = json.JSONDecoder()
 

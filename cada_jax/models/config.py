@@ -168,4 +168,8 @@ def load_config(model_dir: str, **overrides) -> ModelConfig:
             hf = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); re-export the model") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; re-export the model") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object of model settings, got a {type(hf).__name__}; re-export the model")
     return config_from_hf(hf, source=path, **overrides)

@@ -76,6 +76,7 @@ from cada_jax.models.config import ModelConfig
 from cada_jax.models import decoder as _decoder
 from cada_jax.rl import placement
 from cada_jax.rl.advantages import compute_advantages, get_advantage, group_has_signal
+from cada_jax.files import read_jsonl_objects
 from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
@@ -130,19 +131,7 @@ def read_prompt_records(path: str, *, key: str = "rl.data") -> list[dict]:
         raise ConfigError(f"{key} is empty: set {key}=path/to/prompts.jsonl (or pass records to train_grpo)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: prompt file not found ({key})")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RLDataError(f"{path}:{i}: invalid JSON ({e.msg}); one JSON object per line") from None
-            if not isinstance(rec, dict):
-                raise RLDataError(f"{path}:{i}: expected a JSON object with a prompt field, got {type(rec).__name__}")
-            out.append(rec)
-    return out
+    return read_jsonl_objects(path, RLDataError, what="a prompt field")
 
 
 def _record_prompt(rec: Any, field: str, where: str):

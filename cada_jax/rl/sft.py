@@ -59,6 +59,7 @@ import numpy as np
 from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import Decoder
+from cada_jax.files import read_jsonl_objects
 from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
@@ -121,18 +122,7 @@ def read_records(path: str) -> list[dict]:
         raise ConfigError("sft.data is empty: set sft.data=path/to/records.jsonl (or pass records to train_sft)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: SFT data file not found (sft.data)")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SFTDataError(f"{path}:{i}: invalid JSON ({e.msg}); one JSON object per line") from None
-            if not isinstance(rec, dict):
-                raise SFTDataError(f"{path}:{i}: expected a JSON object with prompt and completion fields, got {type(rec).__name__}")
-            out.append(rec)
+    out = read_jsonl_objects(path, SFTDataError, what="prompt and completion fields")
     if not out:
         raise SFTDataError(f"{path}: no records; the SFT data file is empty")
     return out
