@@ -53,6 +53,7 @@ __all__ = [
     "dump_yaml",
     "describe",
     "describe_text",
+    "config_changes",
     "all_keys",
 ]
 
@@ -649,4 +650,22 @@ def describe_text(sections: Iterable[str] = ()) -> str:
             out.append(f"{key} ({tp}) = {json.dumps(default)}  # {doc}")
         out.append("")
     return "\n".join(out).rstrip("\n")
+
+
+def config_changes(saved: dict, current: dict, may_change: tuple[str, ...] = ()) -> list[str]:
+    """`key old -> new` for every leaf that differs between two `to_dict` configs, except keys
+    that start with one of `may_change`."""
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    old, new = flat(saved), flat(current)
+    return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if not key.startswith(tuple(may_change)) and old.get(key) != new.get(key)]
 

@@ -1,8 +1,10 @@
-"""Atomic file writes: every output the project writes goes through a temp file in the same
-folder and a rename, so a crash leaves the old file or the new one, never half of one."""
+"""Files: atomic writes (every output goes through a temp file in the same folder and a rename,
+so a crash leaves the old file or the new one, never half of one), the JSONL object reader with
+file:line errors, and the run-folder lock."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -64,3 +66,30 @@ def read_jsonl_objects(path: str | Path, error: type[Exception], *, what: str) -
                 raise error(f"{path}:{i}: expected a JSON object with {what}, got {type(rec).__name__}")
             out.append(rec)
     return out
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, *, enabled: bool = True):
+    """Hold an exclusive lock on the run folder itself for the duration (an flock on the
+    directory: nothing is written, and the lock goes with the process if it dies), so two runs
+    never write one run folder at once. `enabled=False` (processes other than the first of a
+    multi-host job) makes it a no-op."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(run_dir, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(f"{run_dir}: another run is using this folder; wait for it to finish or use another run.name") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -210,3 +210,153 @@ def test_a_hostile_chat_template_is_a_one_line_error(tiny_model_dir, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(TokenizerError, match=r"chat template cannot be rendered \(TemplateSyntaxError"):
         Tokenizer(str(d)).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_resume_with_another_config_or_data_is_refused_and_nothing_is_touched(tmp_path):
+    from cada_jax.rl.checkpointing import CheckpointMismatch
+    from cada_jax.rl.sft import train_sft
+    from tests.test_sft import base_overrides, make_chat_model, random_records
+
+    model_dir = make_chat_model(str(tmp_path / "model"))
+    first = train_sft(load_config(None, base_overrides(model_dir, tmp_path, "r", 2)), random_records(8))
+    run = tmp_path / "r"
+    kept = {p: (run / p).read_bytes() for p in ("config.yaml", "final/model.safetensors", "metrics.jsonl")}
+    with pytest.raises(CheckpointMismatch, match=r"r: its checkpoints were written with another config "
+                                                 r"\(optim\.lr 0\.01 -> 0\.02\).*another run\.name"):
+        train_sft(load_config(None, base_overrides(model_dir, tmp_path, "r", 2, ["optim.lr=2e-2"])), random_records(8))
+    with pytest.raises(CheckpointMismatch, match=r"sft\.data: the training records differ"):
+        train_sft(load_config(None, base_overrides(model_dir, tmp_path, "r", 2)), random_records(8, seed=1))
+    assert {p: (run / p).read_bytes() for p in kept} == kept
+    # more steps extend the run from its checkpoint
+    more = train_sft(load_config(None, base_overrides(model_dir, tmp_path, "r", 3)), random_records(8))
+    assert first["steps"] == 2 and more["resumed_from"] == 2 and more["steps"] == 3
+
+
+def test_a_second_run_in_a_locked_folder_is_refused(tmp_path):
+    from cada_jax.cada.pipeline import run_pipeline
+    from cada_jax.files import RunLocked, run_lock
+    from cada_jax.rl.sft import train_sft
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.name=busy", "sft.data=x.jsonl"])
+    with run_lock(tmp_path / "busy"):
+        with pytest.raises(RunLocked, match=r"busy: another run is using this folder; wait for it"):
+            train_sft(cfg)
+        with pytest.raises(RunLocked, match="another run is using this folder"):
+            run_pipeline(cfg)
+    with run_lock(tmp_path / "busy"):  # released
+        pass
+
+
+def test_a_pipeline_rerun_with_another_config_is_refused(tmp_path):
+    from cada_jax.cada.pipeline import PipelineError, run_pipeline
+    from cada_jax.config import dump_yaml
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.name=p", "generate.limit=4"])
+    run = tmp_path / "p"
+    run.mkdir()
+    dump_yaml(cfg, str(run / "config.yaml"))
+    (run / "pipeline_state.json").write_text(json.dumps({"done": {"generate": {"kept": 4}}}))
+    saved = (run / "config.yaml").read_text()
+    changed = load_config(None, [f"run.out_dir={tmp_path}", "run.name=p", "generate.limit=8", "run.progress=false"])
+    with pytest.raises(PipelineError, match=r"stages generate were run with another config \(generate\.limit 4 -> 8\); "
+                                            r"rerun with the same config.*another run\.name"):
+        run_pipeline(changed)
+    assert (run / "config.yaml").read_text() == saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and generation keep their finished work
+# ---------------------------------------------------------------------------------------------
+
+
+class _DownJudge:
+    name = "down"
+
+    def judge(self, prompts, completions):
+        raise RuntimeError("judge server is down")
+
+
+def _tiny_eval(tiny_model_dir):
+    from cada_jax.checkpoints.hf import load_params
+    from cada_jax.tokenizer import Tokenizer
+
+    params, cfg = load_params(tiny_model_dir)
+    return params, cfg, Tokenizer(tiny_model_dir)
+
+
+def test_eval_keeps_completions_when_the_judge_fails_and_a_rerun_only_judges(tiny_model_dir, tmp_path):
+    from cada_jax.eval.runner import PARTIAL_FILE, evaluate
+    from cada_jax.sampling import Sampler, SamplingParams
+    from tests.test_eval_runner import BENIGN, HARMFUL
+
+    params, cfg, tok = _tiny_eval(tiny_model_dir)
+    sampler = Sampler(cfg, tok, max_seq_len=512)
+    sp = SamplingParams(max_new_tokens=8, temperature=0.0)
+    out = tmp_path / "eval"
+    kw = dict(sampling=sp, sampler=sampler, batch_size=2, out_dir=out, progress=False, model_name="tiny")
+    with pytest.raises(RuntimeError, match="judge server is down"):
+        evaluate(params, cfg, tok, HARMFUL + BENIGN, judge=_DownJudge(), **kw)
+    partial = (out / PARTIAL_FILE).read_text().splitlines()
+    assert len(partial) == 1 + 5  # the header and every item's completions
+    again = evaluate(params, cfg, tok, HARMFUL + BENIGN, **kw)
+    assert again["timings"]["generate_calls"] == 0 and again["resumed_items"] == 5
+    assert not (out / PARTIAL_FILE).exists() and (out / "results.jsonl").is_file()
+    straight = evaluate(params, cfg, tok, HARMFUL + BENIGN, **{**kw, "out_dir": tmp_path / "straight"})
+    assert (out / "results.jsonl").read_text() == (tmp_path / "straight" / "results.jsonl").read_text()
+    assert straight["timings"]["generate_calls"] == 3
+
+
+def test_eval_checks_its_folder_first_and_skips_prompts_that_do_not_fit(tiny_model_dir, tmp_path):
+    from cada_jax.data.records import PromptRecord
+    from cada_jax.eval.runner import evaluate
+    from cada_jax.sampling import Sampler, SamplingParams
+    from tests.test_eval_runner import BENIGN
+
+    params, cfg, tok = _tiny_eval(tiny_model_dir)
+    sampler = Sampler(cfg, tok, max_seq_len=256)
+    sp = SamplingParams(max_new_tokens=8, temperature=0.0)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"file/eval: cannot write results there .*pass a writable --out"):
+        evaluate(params, cfg, tok, BENIGN, sampling=sp, sampler=sampler, out_dir=blocked / "eval", progress=False)
+    long = PromptRecord(id="h-long", prompt="word " * 100, label="harmful", category="cbrne")
+    short = PromptRecord(id="b-hi", prompt="Hi", label="benign", category="benign")
+    summary = evaluate(params, cfg, tok, [long, short], sampling=sp, sampler=sampler, out_dir=tmp_path / "e",
+                       progress=False)
+    assert summary["n_rows"] == 1 and [s["id"] for s in summary["skipped_too_long"]] == ["h-long"]
+    assert "the prompt has" in summary["skipped_too_long"][0]["reason"]
+
+
+def test_generate_resumes_at_the_first_unfinished_batch(tmp_path):
+    import types
+
+    from cada_jax.cada.generate import generate_chains
+    from cada_jax.cada.spec import default_spec
+
+    calls = []
+
+    class Sampler:
+        def __init__(self, fail_at=None):
+            self.fail_at = fail_at
+
+        def generate(self, params, prompts, sp, prompt_ids=None):
+            calls.append(len(prompts))
+            if self.fail_at is not None and len(calls) == self.fail_at:
+                raise RuntimeError("preempted")
+            texts = [f"Sure: here is how ({p[0]['content'][:10]})." for p in prompts for _ in range(sp.n)]
+            return types.SimpleNamespace(texts=texts, completion_ids=[[1, 2, 3]] * len(texts))
+
+    records = [{"prompt": f"How do I bake bread number {i}?", "label": "benign", "category": "benign"} for i in range(6)]
+    kw = dict(spec=default_spec(), k=2, reasoning="template", variant="cases", n=1, batch_size=2, progress=False)
+    out = tmp_path / "chains.jsonl"
+    with pytest.raises(RuntimeError, match="preempted"):
+        generate_chains(None, Sampler(fail_at=3), records, out_path=str(out), **kw)
+    assert not out.exists() and len((tmp_path / "chains.jsonl.partial").read_text().splitlines()) == 3
+    calls.clear()
+    resumed = generate_chains(None, Sampler(), records, out_path=str(out), **kw)
+    assert calls == [2] and resumed["resumed_batches"] == 2 and resumed["kept"] == 6
+    straight = generate_chains(None, Sampler(), records, out_path=str(tmp_path / "s.jsonl"), **kw)
+    assert out.read_text() == (tmp_path / "s.jsonl").read_text()
+    assert not (tmp_path / "chains.jsonl.partial").exists()
+    assert {k: v for k, v in resumed.items() if k not in ("seconds", "records", "path", "resumed_batches")} == \
+        {k: v for k, v in straight.items() if k not in ("seconds", "records", "path", "resumed_batches")}

@@ -11,6 +11,7 @@ SFT teaches the model to reason this way unprompted.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -141,6 +142,14 @@ def generate_chains(
     kept, stats = [], {"harmful": [0, 0], "benign": [0, 0]}  # [prompts, kept]
     from_precedent = 0
     sample_pass = []
+    # Each finished batch is appended to <out>.partial (with a header naming everything that
+    # decides its content), so an interrupted run resumes at the first batch it had not finished.
+    header = {"variant": variant, "n": n, "k": k, "reasoning": reasoning, "scaffold": scaffold, "fallback": fallback,
+              "cite_precedent": cite_precedent, "model": model_name, "batch_size": batch_size,
+              "sampling": {key: (list(v) if isinstance(v, tuple) else v) for key, v in dataclasses.asdict(sp).items()},
+              "judge": getattr(judge, "name", type(judge).__name__),
+              "records": hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()}
+    done_batches, partial = _resume_partial(out_path, header)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -148,6 +157,18 @@ def generate_chains(
         bar = tqdm(total=len(records), desc=f"generate ({variant})", unit="prompt")
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
+        if start in done_batches:
+            got = done_batches[start]
+            kept.extend(got["kept"])
+            for label, (a, b) in got["stats"].items():
+                stats[label][0] += a
+                stats[label][1] += b
+            sample_pass.extend(got["sample_pass"])
+            from_precedent += got["from_precedent"]
+            if bar is not None:
+                bar.update(len(chunk))
+            continue
+        before = (len(kept), {lab: list(v) for lab, v in stats.items()}, len(sample_pass), from_precedent)
         conversations = [build_messages(r["prompt"], variant, spec=spec, k=k, category=r.get("category")) for r in chunk]
         precedents = [None] * len(chunk)  # the case each record's chain reasons from (reasoning="template")
         if reasoning == "template":
@@ -204,11 +225,20 @@ def generate_chains(
                 "model": model_name,
                 "seed": sp.seed,
             })
+        if partial is not None:
+            partial.write(json.dumps({"start": start, "kept": kept[before[0]:],
+                                      "stats": {lab: [stats[lab][0] - before[1][lab][0], stats[lab][1] - before[1][lab][1]]
+                                                for lab in stats},
+                                      "sample_pass": sample_pass[before[2]:], "from_precedent": from_precedent - before[3]},
+                                     ensure_ascii=False) + "\n")
+            partial.flush()
         if bar is not None:
             bar.update(len(chunk))
             bar.set_postfix(kept=len(kept))
     if bar is not None:
         bar.close()
+    if partial is not None:
+        partial.close()
     summary = {
         "prompts": len(records),
         "kept": len(kept),
@@ -226,6 +256,8 @@ def generate_chains(
     if out_path:
         write_jsonl(out_path, kept)
         summary["path"] = out_path
+        summary["resumed_batches"] = len(done_batches)
+        os.unlink(out_path + ".partial")
     summary["records"] = kept
     return summary
 
@@ -396,6 +428,32 @@ def _scaffolded(params, sampler: Sampler, conversations, sp: SamplingParams, ope
         texts.append(f"{REASONING_OPEN}\n{reasoning}\n{REASONING_CLOSE}\n{ANSWER_OPEN}\n{answer}\n{ANSWER_CLOSE}")
         lengths.append(len(first.completion_ids[i]) + len(second.completion_ids[i]))
     return texts, lengths
+
+
+def _resume_partial(out_path: str | None, header: dict) -> tuple[dict[int, dict], object]:
+    """(the batches an interrupted run with the same header finished, by start index; the
+    `<out>.partial` file open for appending). A file from another run is replaced; a last line cut
+    short by a crash is dropped, so that batch runs again."""
+    if not out_path:
+        return {}, None
+    from cada_jax.files import atomic_write_text
+
+    path = f"{out_path}.partial"
+    head = json.dumps({"header": header}, default=str)
+    done, keep = {}, [head]
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+        if lines and lines[0] == head:
+            for line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                    done[int(row["start"])] = row
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    break
+                keep.append(line)
+    atomic_write_text(path, "\n".join(keep) + "\n")
+    return done, open(path, "a", encoding="utf-8")
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:

@@ -26,9 +26,9 @@ import shutil
 import tempfile
 import time
 
-from cada_jax.config import Config, dump_yaml
+from cada_jax.config import Config, config_changes, dump_yaml, to_dict
 from cada_jax.errors import Preempted
-from cada_jax.files import atomic_write_json
+from cada_jax.files import atomic_write_json, run_lock
 
 
 class PipelineError(ValueError):
@@ -204,15 +204,51 @@ def _copy_model(src: str, dst: str) -> None:
         raise
 
 
+# Keys a rerun of a pipeline may change once some stage is done: how it is shown, which stages run,
+# how it talks to a judge. Anything else would leave finished stages built on another config.
+RERUN_MAY_CHANGE = (
+    "run.progress", "run.log_every", "pipeline.stages", "checkpoint.async_save", "judge.max_concurrency",
+    "judge.timeout_s", "judge.max_retries", "judge.cache_dir", "eval.batch_size", "generate.batch_size", "mesh.",
+)
+
+
+def _check_rerun(cfg: Config, run_dir: str, state: dict) -> None:
+    """A rerun with finished stages must use the config they were built with."""
+    import yaml
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not state.get("done") or not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = yaml.safe_load(f)
+    changes = config_changes(saved, to_dict(cfg), RERUN_MAY_CHANGE) if isinstance(saved, dict) else []
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise PipelineError(
+            f"{run_dir}: stages {', '.join(sorted(state['done']))} were run with another config ({shown}); "
+            "rerun with the same config to resume, or start fresh with another run.name"
+        )
+
+
 def run_pipeline(cfg: Config) -> dict:
-    """Run (or resume) the configured stages; returns a summary with the before/after numbers."""
+    """Run (or resume) the configured stages; returns a summary with the before/after numbers.
+
+    The run folder is locked while it runs; a rerun must use the config its finished stages used."""
+    from cada_jax.sharding import is_main_process
+
+    run_dir = os.path.abspath(cfg.run.dir)
+    with run_lock(run_dir, enabled=is_main_process()):
+        return _run_pipeline(cfg, run_dir)
+
+
+def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     from cada_jax.checkpoints.gguf_import import resolve_model
 
     check_judges(cfg)
-    run_dir = os.path.abspath(cfg.run.dir)
     os.makedirs(run_dir, exist_ok=True)
-    dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
     state = _read_state(run_dir)
+    _check_rerun(cfg, run_dir, state)
+    dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
     done = state.setdefault("done", {})
     stages = list(cfg.pipeline.stages)
     t_start = time.perf_counter()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -90,6 +91,74 @@ METRICS: dict[str, tuple[str, str]] = {
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
+# Completions are appended here as they are sampled, so an interrupted run, or one whose judge
+# failed, keeps them: a rerun into the same folder samples only what is missing, then judges.
+PARTIAL_FILE = "samples.partial.jsonl"
+
+
+def check_writable(out_dir: str | Path) -> Path:
+    """Create `out_dir` and prove a file can be written there, before any work is done."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{out}: cannot write results there ({e.strerror or e}); pass a writable --out") from None
+    return out
+
+
+class _PartialSamples:
+    """The append-only file of completions sampled so far for one evaluation.
+
+    Its first line describes the run (model, sampling, variant); a file from another run is
+    replaced. Each further line is one item's samples, keyed by record, attack and prompt."""
+
+    def __init__(self, out_dir: Path | None, header: dict):
+        self.path = None if out_dir is None else out_dir / PARTIAL_FILE
+        self.header = header
+        self.done: dict[str, list] = {}
+        self._f = None
+        if self.path is None:
+            return
+        if self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+            try:
+                same = lines and json.loads(lines[0]) == {"header": header}
+            except json.JSONDecodeError:
+                same = False
+            if same:
+                for line in lines[1:]:
+                    try:
+                        row = json.loads(line)
+                        self.done[row["key"]] = row["samples"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        break  # a line cut short by a crash: sample it again
+        self._f = open(self.path, "w" if not self.done else "a", encoding="utf-8")
+        if not self.done:
+            self._f.write(json.dumps({"header": header}) + "\n")
+            self._f.flush()
+
+    @staticmethod
+    def key(item: "EvalItem") -> str:
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps(item.messages, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+        return f"{item.record_index}|{item.record.id}|{item.attack}|{digest}"
+
+    def add(self, key: str, samples: list) -> None:
+        self.done[key] = samples
+        if self._f is not None:
+            self._f.write(json.dumps({"key": key, "samples": samples}, ensure_ascii=False) + "\n")
+            self._f.flush()
+
+    def close(self, *, finished: bool) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if finished and self.path is not None and self.path.exists():
+            self.path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,23 +358,31 @@ def _chunks(order: Sequence[int], size: int) -> Iterable[list[int]]:
         yield list(order[s: s + size])
 
 
-def _sample(sampler: Sampler, params, items: list[EvalItem], sp: SamplingParams, batch_size: int,
-            variant: str, progress: bool) -> tuple[list[tuple[str, str, int]], int]:
-    """(text, finish_reason, num_tokens) for every sample, in item-major order (item i, sample j),
-    and the number of `generate` calls made."""
+def _too_long(sampler: Sampler, items: list[EvalItem], sp: SamplingParams, variant: str) -> tuple[list, list[dict]]:
+    """(token ids of every item, the items whose prompt does not fit the context, as skip records)."""
     ids = sampler.encode_prompts([it.messages for it in items])
     budget = sampler.max_seq_len - sp.max_new_tokens
+    skipped = []
     if sp.truncate_prompt == "error":
-        for it, p in zip(items, ids):
+        for i, (it, p) in enumerate(zip(items, ids)):
             if len(p) > budget:
-                raise ValueError(
+                skipped.append({"index": i, "id": it.record.id, "attack": it.attack, "reason": (
                     f"record {it.record.id!r} (attack {it.attack}, variant {variant}): the prompt has {len(p)} tokens "
                     f"but the {sampler.max_seq_len}-token context leaves {budget} after max_new_tokens="
-                    f"{sp.max_new_tokens}; raise --max-seq-len, lower --max-new-tokens or pick a shorter variant"
-                )
-    order = sorted(range(len(items)), key=lambda i: len(ids[i]))
-    out: list[tuple[str, str, int] | None] = [None] * (len(items) * sp.n)
-    bar = tqdm(total=len(items), desc=f"sampling ({variant})", unit="prompt", disable=not progress, leave=False)
+                    f"{sp.max_new_tokens}; raise --max-seq-len, lower --max-new-tokens or pick a shorter variant")})
+    return ids, skipped
+
+
+def _sample(sampler: Sampler, params, items: list[EvalItem], ids: list, sp: SamplingParams, batch_size: int,
+            variant: str, progress: bool, partial: "_PartialSamples") -> tuple[list[tuple[str, str, int]], int]:
+    """(text, finish_reason, num_tokens) for every sample, in item-major order (item i, sample j),
+    and the number of `generate` calls made. Items already in `partial` are not sampled again;
+    each new chunk is appended to it as soon as it is sampled."""
+    keys = [partial.key(it) for it in items]
+    todo = [i for i in range(len(items)) if keys[i] not in partial.done]
+    order = sorted(todo, key=lambda i: len(ids[i]))
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"sampling ({variant})", unit="prompt",
+               disable=not progress, leave=False)
     calls = 0
     try:
         for chunk in _chunks(order, batch_size):
@@ -313,12 +390,12 @@ def _sample(sampler: Sampler, params, items: list[EvalItem], sp: SamplingParams,
             res = sampler.generate(params, [items[i].messages for i in chunk], sp,
                                    prompt_ids=[list(ids[i]) for i in chunk])
             for pos, i in enumerate(chunk):
-                for j in range(sp.n):
-                    r = pos * sp.n + j
-                    out[i * sp.n + j] = (res.texts[r], res.finish_reasons[r], len(res.completion_ids[r]))
+                partial.add(keys[i], [[res.texts[pos * sp.n + j], res.finish_reasons[pos * sp.n + j],
+                                       len(res.completion_ids[pos * sp.n + j])] for j in range(sp.n)])
             bar.update(len(chunk))
     finally:
         bar.close()
+    out = [tuple(partial.done[keys[i]][j]) for i in range(len(items)) for j in range(sp.n)]
     return out, calls  # type: ignore[return-value]
 
 
@@ -531,12 +608,31 @@ def evaluate(
         judge = make_judge("rule")
     if not callable(getattr(judge, "judge", None)):
         raise TypeError(f"judge {judge!r} has no judge(prompts, answers) method; build one with make_judge(name)")
+    out = check_writable(out_dir) if out_dir is not None else None
     if sampler is None:
         sampler = Sampler(cfg, tokenizer, max_seq_len=max_seq_len)
 
     t0 = time.perf_counter()
     items = build_items(records, variant=variant, attacks=attacks, spec=spec, attack_benign=attack_benign, k=k)
-    samples, calls = _sample(sampler, params, items, sp, batch_size, variant, progress)
+    ids, skipped = _too_long(sampler, items, sp, variant)
+    if len(skipped) == len(items):
+        raise ValueError(skipped[0]["reason"] + (f" (and {len(items) - 1} more prompts)" if len(items) > 1 else ""))
+    if skipped:
+        from cada_jax.sharding import main_print
+
+        main_print(f"warning: {len(skipped)} of {len(items)} prompts do not fit the context and are skipped "
+                   f"(listed in summary.json); e.g. {skipped[0]['reason']}")
+        drop = {s["index"] for s in skipped}
+        keep = [i for i in range(len(items)) if i not in drop]
+        items, ids = [items[i] for i in keep], [ids[i] for i in keep]
+    header = {"model": model_name, "variant": variant, "attacks": list(attacks), "seed": seed,
+              "sampling": {k2: (list(v) if isinstance(v, tuple) else v) for k2, v in dataclasses.asdict(sp).items()}}
+    partial = _PartialSamples(out, _json_safe(header))
+    resumed = len(partial.done)
+    try:
+        samples, calls = _sample(sampler, params, items, ids, sp, batch_size, variant, progress, partial)
+    finally:
+        partial.close(finished=False)
     t_sample = time.perf_counter()
 
     rows: list[dict[str, Any]] = []
@@ -603,12 +699,14 @@ def evaluate(
                         if isinstance(v, (int, float, str)) and not isinstance(v, bool)},
         "timings": {"sample_s": round(t_sample - t0, 3), "judge_s": round(t_judge - t_sample, 3),
                     "generate_calls": calls},
+        "skipped_too_long": [{k2: v for k2, v in sk.items() if k2 != "index"} for sk in skipped],
+        "resumed_items": resumed,
         "files": {"results": RESULTS_FILE} if out_dir is not None else {},
     }
     summary = _json_safe(summary)
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         lines = "".join(json.dumps(_json_safe(r), ensure_ascii=False) + "\n" for r in rows)
         atomic_write_text(out / RESULTS_FILE, lines)
         atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        partial.close(finished=True)
     return summary

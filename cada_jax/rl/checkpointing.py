@@ -36,7 +36,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cada_jax.config import CheckpointSection
+from cada_jax.config import CheckpointSection, config_changes
 from cada_jax.rl.optim import TrainState
 
 __all__ = ["Checkpointer", "CheckpointCorrupt", "CheckpointMismatch", "NonFiniteState", "Restored", "PreemptionGuard", "SkipStreak", "fingerprint"]
@@ -302,6 +302,41 @@ class SkipStreak:
                 f"{self.run} updates in a row were skipped for a non-finite loss or gradient (steps {self.first}-{step}); "
                 "the last healthy checkpoint is kept: lower optim.lr, check the data, or raise optim.max_skipped_in_a_row"
             )
+
+
+# Config keys a resumed run may change: how it is shown, saved, placed or how long it runs, not
+# what it learns from. Anything else that differs from the checkpoint's config is an error.
+RESUME_MAY_CHANGE = (
+    "run.progress", "run.log_every", "run.out_dir", "run.name", "checkpoint.", "mesh.", "model.remat",
+    "model.attention_impl", "optim.max_skipped_in_a_row", "sft.steps", "sft.epochs", "rl.steps", "rl.eval_data",
+    "rl.eval_every", "generate.", "judge.", "eval.", "pipeline.",
+)
+
+
+def records_digest(records) -> str:
+    """sha256 of the training records as canonical JSON: tells whether a resume sees the same data."""
+    import hashlib
+    import json
+
+    blob = json.dumps(list(records), sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def check_resume(meta: dict, config: dict, data_digest: str, *, run_dir: str, data_key: str) -> None:
+    """Refuse to resume checkpoints written with another training config or other data.
+
+    `meta` is the restored checkpoint's meta (its `config` and `data_sha256`, when recorded);
+    `config` the current config as a dict. The error names the keys that changed."""
+    saved = meta.get("config")
+    changes = config_changes(saved, config, RESUME_MAY_CHANGE) if isinstance(saved, dict) else []
+    if meta.get("data_sha256") not in (None, data_digest):
+        changes.append(f"{data_key}: the training records differ")
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise CheckpointMismatch(
+            f"{run_dir}: its checkpoints were written with another config ({shown}); resume with the same "
+            "config, or start fresh with another run.name (or delete the run folder)"
+        )
 
 
 class PreemptionGuard:

@@ -76,8 +76,8 @@ from cada_jax.models.config import ModelConfig
 from cada_jax.models import decoder as _decoder
 from cada_jax.rl import placement
 from cada_jax.rl.advantages import compute_advantages, get_advantage, group_has_signal
-from cada_jax.files import read_jsonl_objects
-from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak
+from cada_jax.files import read_jsonl_objects, run_lock
+from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
 from cada_jax.rl.losses import LossConfig, policy_loss, token_logprobs, token_logprobs_and_entropy
@@ -400,6 +400,7 @@ class GRPOTrainer:
         source = rl.data or "records"
         if records is None:
             records = read_prompt_records(rl.data)
+        self.data_digest = records_digest(records)
         self.records, self.prompts, self.prompt_ids = self._encode(records, source)
         self.eval_records = self.eval_prompts = self.eval_prompt_ids = None
         if rl.eval_every:
@@ -456,6 +457,7 @@ class GRPOTrainer:
         del base
         self.step = 0
         if resuming:
+            check_resume(restored.meta, to_dict(cfg), self.data_digest, run_dir=self.run_dir, data_key="rl.data")
             self.state, self.step = restored.state, restored.step
             if int(self.state.step) != self.step * self.micro_per_step:
                 raise ValueError(
@@ -720,13 +722,19 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ the loop
     def _meta(self) -> dict:
         return {"rl_steps": self.rl.steps, "micro_per_step": self.micro_per_step, "records": len(self.records),
-                "model_dir": self.model_dir, "config": to_dict(self.cfg)}
+                "model_dir": self.model_dir, "config": to_dict(self.cfg), "data_sha256": self.data_digest}
 
     def save(self, force: bool = False) -> bool:
         return self.ckpt.save(self.step, self.state, iterator_state(self.it), self._meta(), force=force)
 
     def train(self) -> dict:
-        """Run (or resume) to ``rl.steps``; checkpoints, metrics, preemption, export. Returns a summary."""
+        """Run (or resume) to ``rl.steps``; checkpoints, metrics, preemption, export. Returns a summary.
+
+        The run folder is locked for the duration: a second run in it is refused."""
+        with run_lock(self.run_dir, enabled=is_main_process()):
+            return self._train()
+
+    def _train(self) -> dict:
         cfg, rl = self.cfg, self.rl
         os.makedirs(self.run_dir, exist_ok=True)
         if is_main_process():

@@ -59,8 +59,8 @@ import numpy as np
 from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import Decoder
-from cada_jax.files import read_jsonl_objects
-from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak
+from cada_jax.files import read_jsonl_objects, run_lock
+from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
 from cada_jax.rl.losses import token_logprobs
@@ -361,14 +361,19 @@ def _pause_for_test(step: int, guard: PreemptionGuard, run_dir: str) -> None:
 
 
 def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
-    """Run (or resume) SFT as configured; returns a summary dict (see the module doc)."""
+    """Run (or resume) SFT as configured; returns a summary dict (see the module doc).
+
+    The run folder is locked for the duration: a second run in it is refused."""
+    with run_lock(os.path.abspath(cfg.run.dir), enabled=is_main_process()):
+        return _train_sft(cfg, records)
+
+
+def _train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
     sft, run = cfg.sft, cfg.run
     if sft.max_len > cfg.model.max_seq_len:
         raise ConfigError(f"sft.max_len={sft.max_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower sft.max_len or raise model.max_seq_len")
     run_dir = os.path.abspath(run.dir)
     os.makedirs(run_dir, exist_ok=True)
-    if is_main_process():
-        dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
 
     from cada_jax.tokenizer import Tokenizer
 
@@ -437,7 +442,9 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
     frozen = base if lora_cfg is not None else None
     del base
     start = 0
+    digest = records_digest(records)
     if resuming:
+        check_resume(restored.meta, to_dict(cfg), digest, run_dir=run_dir, data_key="sft.data")
         state, start = restored.state, restored.step
         if int(state.step) != start:
             raise ValueError(f"{ckpt.directory}/{start}: saved state.step={int(state.step)} differs from the checkpoint step; the checkpoint is corrupt")
@@ -445,8 +452,10 @@ def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
     else:
         state = placement.create_state(trainable, tx, state_key, **where)
     del trainable
+    if is_main_process():  # only now: a refused resume leaves the run folder's config.yaml as it was
+        dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
     meta = {"total_steps": total_steps, "examples": len(examples), "rows": len(rows), "model_dir": model_dir,
-            "config": to_dict(cfg)}
+            "config": to_dict(cfg), "data_sha256": digest}
 
     summary: dict[str, Any] = {
         "run_dir": run_dir, "total_steps": total_steps, "resumed_from": start, "examples": len(examples),
