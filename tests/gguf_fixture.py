@@ -33,6 +33,28 @@ def vocab_tokens():
     return toks
 
 
+# Byte offsets of the f16 scale fields (d, dmin) inside one 256-value block of each K-quant, as
+# llama.cpp lays the blocks out (ggml-common.h: block_q2_K ... block_q6_K).
+K_QUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def k_quant_blocks(shape, qtype, seed=0):
+    """Random K-quant blocks for a [rows, cols] tensor (cols a multiple of 256), with every f16
+    scale field set to 0.01 so the values stay small and finite. gguf-py cannot quantize to
+    K-quants, so tests write the blocks and take `gguf.quants.dequantize` of them as the truth."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[qt]
+    rows, cols = shape
+    assert cols % block_values == 0, f"{qtype} needs rows of a multiple of {block_values} values"
+    data = np.random.default_rng(seed).integers(0, 256, size=(rows, cols // block_values, block_bytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    for off in K_QUANT_SCALES[qtype]:
+        data[:, :, off:off + 2] = scale
+    return data.reshape(rows, -1)
+
+
 def write_llama_gguf(path, hf_model, *, qtypes=None, arch="llama", drop_key=None):
     """Write `hf_model` (a transformers LlamaForCausalLM) as GGUF.
 
@@ -95,9 +117,15 @@ def write_llama_gguf(path, hf_model, *, qtypes=None, arch="llama", drop_key=None
         arr = np.ascontiguousarray(arr, np.float32)
         if q == "F32":
             w.add_tensor(g + ".weight", arr)
+        elif q in K_QUANT_SCALES:
+            w.add_tensor(g + ".weight", k_quant_blocks(arr.shape, q, seed=len(g)), raw_dtype=gguf.GGMLQuantizationType[q])
         else:
             qt = gguf.GGMLQuantizationType[q]
-            w.add_tensor(g + ".weight", gguf.quants.quantize(arr, qt), raw_dtype=qt)
+            try:
+                data = gguf.quants.quantize(arr, qt)
+            except NotImplementedError:  # a type gguf-py cannot write: zero blocks of the right size
+                data = np.zeros(gguf.quants.quant_shape_to_byte_shape(arr.shape, qt), np.uint8)
+            w.add_tensor(g + ".weight", data, raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -360,3 +360,15 @@ def test_generate_resumes_at_the_first_unfinished_batch(tmp_path):
     assert not (tmp_path / "chains.jsonl.partial").exists()
     assert {k: v for k, v in resumed.items() if k not in ("seconds", "records", "path", "resumed_batches")} == \
         {k: v for k, v in straight.items() if k not in ("seconds", "records", "path", "resumed_batches")}
+
+
+@pytest.mark.parametrize("header", [b'{"w": [1, 2]}', b'[1, 2, 3]', b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 99]}}'])
+def test_a_safetensors_header_of_the_wrong_shape_is_one_line(tmp_path, header):
+    import struct
+
+    from cada_jax.checkpoints.safetensors_io import CheckpointError, SafetensorsFile
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file .*re-download or re-export"):
+        SafetensorsFile(str(path))

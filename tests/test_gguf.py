@@ -14,7 +14,7 @@ from tests.gguf_fixture import write_llama_gguf, vocab_tokens
 from tests.hf_reference import hf_logits, padded_batch
 
 
-@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_dequantize_matches_gguf_reference(qtype):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 96)).astype(np.float32)
@@ -77,10 +77,45 @@ def test_quantized_gguf_uses_dequantized_weights(tmp_path):
     np.testing.assert_array_equal(np.asarray(params["layers"]["mlp"]["up_proj"][1]), ref.T)
 
 
+def test_k_quant_gguf_imports_as_gguf_quants_dequantizes_it(tmp_path):
+    import torch
+    import transformers
+
+    from tests.gguf_fixture import k_quant_blocks
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(vocab_tokens()), hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)).eval()
+    qt = {"ffn_up": "Q4_K", "ffn_gate": "Q5_K", "ffn_down": "Q6_K", "attn_v": "Q3_K", "attn_k": "Q2_K", "attn_q": "Q4_K"}
+    path = write_llama_gguf(tmp_path / "k.gguf", model, qtypes=qt)
+    params, cfg = load_params(convert_gguf(str(path), str(tmp_path / "hf")))
+    from cada_jax.checkpoints.gguf_import import unpermute_qk
+
+    p = params["layers"]
+    d = cfg.hidden_size
+    hf_weight = {  # our [in, out] (or [in, heads, head_dim]) layout back to the GGUF/HF [out, in]
+        "ffn_up": np.asarray(p["mlp"]["up_proj"][0]).T, "ffn_gate": np.asarray(p["mlp"]["gate_proj"][0]).T,
+        "ffn_down": np.asarray(p["mlp"]["down_proj"][0]).T,
+        "attn_v": np.asarray(p["attn"]["v_proj"][0]).reshape(d, -1).T,
+        "attn_k": np.asarray(p["attn"]["k_proj"][0]).reshape(d, -1).T,
+        "attn_q": np.asarray(p["attn"]["q_proj"][0]).reshape(d, -1).T,
+    }
+    for suffix, qtype in qt.items():
+        rows, cols = hf_weight[suffix].shape
+        raw = k_quant_blocks((rows, cols), qtype, seed=len(f"blk.0.{suffix}"))
+        ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
+        if suffix in ("attn_q", "attn_k"):  # llama.cpp stores Q and K rows permuted
+            ref = unpermute_qk(ref, 4 if suffix == "attn_q" else 2)
+        assert np.isfinite(ref).all() and ref.std() > 0, suffix
+        np.testing.assert_array_equal(hf_weight[suffix], ref, err_msg=suffix)
+
+
 def test_unsupported_quant_type_is_a_clear_error(tmp_path):
     model = _tiny_llama(True)
-    path = write_llama_gguf(tmp_path / "k.gguf", model, qtypes={"ffn_up": "Q5_0"})
-    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_up\.weight.*Q5_0.*not supported"):
+    path = write_llama_gguf(tmp_path / "k.gguf", model, qtypes={"ffn_up": "Q8_1"})
+    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_up\.weight.*Q8_1.*not supported"):
         convert_gguf(str(path), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []

@@ -18,7 +18,11 @@ import numpy as np
 
 from cada_jax.checkpoints.safetensors_io import CheckpointError, check_publish_target, publish_dir, write_safetensors
 
-SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# Float types are converted here; every block-quantized type goes through `gguf.quants`, which
+# covers the legacy quants and the K-quants of the Q*_K_S / Q*_K_M files most GGUF models ship as.
+FLOAT_TYPES = ("F32", "F16", "BF16")
+BLOCK_QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_QUANTS = FLOAT_TYPES + BLOCK_QUANTS
 SUPPORTED_ARCHS = ("llama",)
 SMOLLM2_NAME = "smollm2-135m-instruct"
 
@@ -28,17 +32,6 @@ class GGUFError(CheckpointError):
 
 
 # ------------------------------------------------------------------------------ dequantization
-
-def _blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
-    raw = np.ascontiguousarray(raw).reshape(-1)
-    if raw.size % block_bytes:
-        raise GGUFError(f"quantized data of {raw.size} bytes is not a whole number of {block_bytes}-byte blocks")
-    return raw.reshape(-1, block_bytes)
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    return b.copy().view(np.float16).astype(np.float32)
-
 
 def dequantize(raw: np.ndarray, qtype: str, shape: tuple) -> np.ndarray:
     """Dequantize GGUF tensor bytes/values of type `qtype` into an f32 array of `shape` (numpy order)."""
@@ -50,20 +43,14 @@ def dequantize(raw: np.ndarray, qtype: str, shape: tuple) -> np.ndarray:
     elif qtype == "BF16":
         u16 = np.asarray(raw).view(np.uint16).astype(np.uint32)
         out = (u16 << 16).view(np.float32)
-    elif qtype == "Q8_0":  # 32 values: f16 scale d, 32 x int8 q; x = d * q
-        b = _blocks(np.asarray(raw).view(np.uint8), 34)
-        d = _f16(b[:, :2])
-        q = b[:, 2:].copy().view(np.int8).astype(np.float32)
-        out = d * q
-    elif qtype in ("Q4_0", "Q4_1"):
-        # 32 values: f16 d (+ f16 min m for Q4_1), 16 bytes of nibbles; the low nibbles are
-        # elements 0..15 and the high nibbles elements 16..31.
-        head = 2 if qtype == "Q4_0" else 4
-        b = _blocks(np.asarray(raw).view(np.uint8), head + 16)
-        d = _f16(b[:, :2])
-        qs = b[:, head:]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
-        out = d * (q - 8.0) if qtype == "Q4_0" else d * q + _f16(b[:, 2:4])
+    elif qtype in BLOCK_QUANTS:
+        import gguf
+
+        data = np.ascontiguousarray(raw).view(np.uint8)
+        block_values, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        if data.size % block_bytes:
+            raise GGUFError(f"{qtype} data of {data.size} bytes is not a whole number of {block_bytes}-byte blocks")
+        out = gguf.quants.dequantize(data.reshape(-1, block_bytes), gguf.GGMLQuantizationType[qtype])
     else:
         raise GGUFError(f"quant type {qtype} is not supported (supported: {', '.join(SUPPORTED_QUANTS)})")
     out = np.asarray(out, np.float32).reshape(-1)

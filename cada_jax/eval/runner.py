@@ -51,7 +51,7 @@ from cada_jax.cada.prompts import VARIANTS, build_messages
 from cada_jax.cada.spec import Spec
 from cada_jax.data.attacks import apply_attack, available_attacks, get_attack
 from cada_jax.data.records import PromptRecord
-from cada_jax.files import atomic_write_text
+from cada_jax.files import atomic_write_text, read_jsonl_objects
 from cada_jax.eval.metrics import gsm8k_correct, mmlu_correct, per_category, summarize
 from cada_jax.sampling import Sampler, SamplingParams
 
@@ -181,19 +181,7 @@ def read_results(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such results file; run `cada eval --out DIR` first")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); the file is damaged, re-run the evaluation") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}; re-run the evaluation")
-            rows.append(row)
-    return rows
+    return read_jsonl_objects(path, ValueError, what="one result row (re-run the evaluation)")
 
 
 # ---------------------------------------------------------------------------------------------
