@@ -306,8 +306,12 @@ class SkipStreak:
 
 # Config keys a resumed run may change: how it is shown, saved, placed or how long it runs, not
 # what it learns from. Anything else that differs from the checkpoint's config is an error.
+# File paths (`model.path`, `sft.data`, `rl.data`) may differ because each host of a multi-host
+# job may keep its own copy: the records are compared by their digest instead, and a model of
+# another architecture is refused when the arrays are restored (`_check_fits`).
 RESUME_MAY_CHANGE = (
-    "run.progress", "run.log_every", "run.out_dir", "run.name", "checkpoint.", "mesh.", "model.remat",
+    "run.progress", "run.log_every", "run.out_dir", "run.name", "checkpoint.", "mesh.", "model.path", "sft.data",
+    "rl.data", "model.remat",
     "model.attention_impl", "optim.max_skipped_in_a_row", "sft.steps", "sft.epochs", "rl.steps", "rl.eval_data",
     "rl.eval_every", "generate.", "judge.", "eval.", "pipeline.",
 )
