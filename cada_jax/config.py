@@ -654,7 +654,8 @@ def describe_text(sections: Iterable[str] = ()) -> str:
 
 def config_changes(saved: dict, current: dict, may_change: tuple[str, ...] = ()) -> list[str]:
     """`key old -> new` for every leaf that differs between two `to_dict` configs, except keys
-    that start with one of `may_change`."""
+    that start with one of `may_change`, and keys only one side has (a key added or removed by a
+    newer version of the project keeps its default meaning)."""
 
     def flat(tree: dict, prefix: str = "") -> dict:
         out = {}
@@ -666,6 +667,6 @@ def config_changes(saved: dict, current: dict, may_change: tuple[str, ...] = ())
         return out
 
     old, new = flat(saved), flat(current)
-    return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
-            if not key.startswith(tuple(may_change)) and old.get(key) != new.get(key)]
+    return [f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(set(old) & set(new))
+            if not key.startswith(tuple(may_change)) and old[key] != new[key]]
 

@@ -158,3 +158,12 @@ def test_config_command_prints_the_resolved_config(tmp_path, capsys):
     assert resolved["optim"]["lr"] == OptimSection().lr
     assert main(["config", str(path), "rl.stepz=1"]) == 1
     assert "did you mean 'rl.steps'" in capsys.readouterr().err
+
+
+def test_config_changes_ignore_keys_one_side_lacks():
+    from cada_jax.config import config_changes
+
+    saved = {"optim": {"lr": 1e-4, "old_key": 1}, "run": {"progress": True}}
+    now = {"optim": {"lr": 2e-4, "new_key": 8}, "run": {"progress": False}}
+    assert config_changes(saved, now) == ["optim.lr 0.0001 -> 0.0002", "run.progress True -> False"]
+    assert config_changes(saved, now, ("run.",)) == ["optim.lr 0.0001 -> 0.0002"]
