@@ -61,7 +61,6 @@ bring their own rewards and records), and the pure pieces `build_update_batch`,
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import time
@@ -76,7 +75,7 @@ from cada_jax.models.config import ModelConfig
 from cada_jax.models import decoder as _decoder
 from cada_jax.rl import placement
 from cada_jax.rl.advantages import compute_advantages, get_advantage, group_has_signal
-from cada_jax.files import read_jsonl_objects, run_lock
+from cada_jax.files import atomic_write_json, read_jsonl_objects, run_lock
 from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
@@ -778,10 +777,7 @@ class GRPOTrainer:
             return summary
         summary["export_dir"] = self.export(os.path.join(self.run_dir, "final"))
         if is_main_process():
-            tmp = os.path.join(self.run_dir, ".summary.tmp")
-            with open(tmp, "w") as f:
-                json.dump(summary, f, indent=2)
-            os.replace(tmp, os.path.join(self.run_dir, "summary.json"))
+            atomic_write_json(os.path.join(self.run_dir, "summary.json"), summary)
         return summary
 
     def export(self, out_dir: str) -> str:

@@ -46,7 +46,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -59,7 +58,7 @@ import numpy as np
 from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import Decoder
-from cada_jax.files import read_jsonl_objects, run_lock
+from cada_jax.files import atomic_write_json, read_jsonl_objects, run_lock
 from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
 from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 from cada_jax.rl.logging import MetricsLogger
@@ -506,7 +505,5 @@ def _train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
     placement.export(params, model_cfg, final_dir, tokenizer_dir=model_dir, dtype=cfg.model.param_dtype)
     summary["export_dir"] = final_dir
     if is_main_process():
-        with open(os.path.join(run_dir, ".summary.tmp"), "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(os.path.join(run_dir, ".summary.tmp"), os.path.join(run_dir, "summary.json"))
+        atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
