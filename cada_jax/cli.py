@@ -8,19 +8,6 @@ import os
 import sys
 
 
-def _load_model(name_or_path: str, dtype: str | None = None):
-    from cada_jax.checkpoints.gguf_import import resolve_model
-    from cada_jax.checkpoints.hf import load_params
-    from cada_jax.models.config import load_config
-    from cada_jax.tokenizer import Tokenizer
-
-    model_dir = resolve_model(name_or_path)
-    overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
-    cfg = load_config(model_dir, **overrides)
-    params, cfg = load_params(model_dir, cfg)
-    return model_dir, params, cfg, Tokenizer(model_dir)
-
-
 def cmd_convert_gguf(args) -> int:
     from cada_jax.checkpoints.gguf_import import bundled_smollm2_gguf, convert_gguf
 
@@ -40,7 +27,9 @@ def cmd_sample(args) -> int:
     if not prompts:
         print("cada sample: give --prompt TEXT (repeatable) or --prompts-file FILE", file=sys.stderr)
         return 2
-    _, params, cfg, tok = _load_model(args.model, args.dtype)
+    from cada_jax.checkpoints.load import load_model
+
+    _, params, cfg, tok = load_model(args.model, args.dtype)
     if args.system:
         prompts = [[{"role": "system", "content": args.system}, {"role": "user", "content": p}] for p in prompts]
     sampler = Sampler(cfg, tok, max_seq_len=args.max_seq_len)

@@ -205,6 +205,7 @@ class RunSection:
 class RewardSpec:
     name: str = _f("", "a reward registered in cada_jax.rl.rewards (e.g. target_token_share), or 'package.module:function'")
     weight: float = _f(1.0, "weight of this reward in the summed reward")
+    judge: str = _f("", "judge giving this reward's verdicts (rule | llm | http | a registered one); '' = rl.judge. Ignored by rewards that need none")
 
     def __post_init__(self):
         _check(bool(self.name), "rl.rewards[].name", "must name a registered reward or 'module:function'")
@@ -239,6 +240,7 @@ class RLSection:
     dynamic_sampling: bool = _f(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and refill from more prompts")
     max_extra_rounds: int = _f(3, "dynamic sampling: extra sampling rounds per step at most; still short, the batch is topped up with zero-advantage groups")
     rewards: tuple[RewardSpec, ...] = _f((), "reward functions and weights, e.g. [{name: target_token_share, weight: 1.0}]")
+    judge: str = _f("rule", "judge that scores the judge-based rewards (cada_safety, cada_chain, cada_helpful, ...): rule | llm | http (settings in the judge section); a reward entry's own judge wins")
     reward_module: str = _f("", "module (dotted name or .py file) imported first, so its @register_reward functions can be named in rl.rewards")
     eval_data: str = _f("", "JSONL of held-out prompt records for greedy evaluation; empty = none")
     eval_every: int = _f(0, "evaluate every this many steps (greedy, one sample per prompt); 0 = never")
@@ -292,6 +294,7 @@ class GenerateSection:
     scaffold: bool = _f(False, "write the <reasoning>/<answer> tags around the model's own text (for small models that do not follow the format)")
     fallback: Literal["none", "precedent"] = _f("none", "precedent: a harmful request with no passing chain gets its nearest refusing precedent's chain (for small models that rarely refuse)")
     cite_precedent: bool = _f(False, "with scaffold and variant cases: open each reasoning with the closest retrieved precedent whose verdict fits the request's label (the model writes the rest)")
+    min_chain_score: float = _f(0.0, "keep only chains the judge's chain rubric scores at least this (1-5: does the reasoning identify the risk, cite the codes that apply, agree with the answer); 0 = off, 5 = the authors' earlier pipeline")
     reasoning: Literal["model", "template"] = _f("model", "model: the model writes its own reasoning under the variant (CADA self-generation); template (variant cases, for models too small to reason over the spec): each reasoning is filled in from a template around the closest fitting precedent, harmful answers are its refusal, benign answers the model's own answer to the bare request (template distillation, not self-generation)")
 
     def __post_init__(self):
@@ -299,6 +302,8 @@ class GenerateSection:
         _check(self.limit >= 0, "generate.limit", f"must be >= 0 (0 = all), got {self.limit}")
         _check(self.batch_size >= 1, "generate.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.temperature > 0, "generate.temperature", f"must be > 0 (the chains are sampled), got {self.temperature}")
+        _check(self.min_chain_score == 0 or 1 <= self.min_chain_score <= 5, "generate.min_chain_score",
+               f"must be 0 (off) or a chain score from 1 to 5, got {self.min_chain_score}")
         _check(self.reasoning == "model" or self.variant == "cases", "generate.reasoning",
                f"template needs generate.variant=cases (the chains come from the precedents), got variant {self.variant!r}")
         _check(self.reasoning == "model" or not (self.scaffold or self.fallback != "none" or self.cite_precedent), "generate.reasoning",

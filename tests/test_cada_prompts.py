@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cada_jax.cada.format import FORMAT_INSTRUCTIONS
+from cada_jax.rewards.format import FORMAT_INSTRUCTIONS
 from cada_jax.cada.prompts import (
     VARIANTS,
     build_messages,

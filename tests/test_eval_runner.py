@@ -256,15 +256,17 @@ def test_cases_variant_reaches_the_model(tiny, sampler, tmp_path):
 
 
 def test_local_llm_judge_uses_our_sampler_in_batches(tiny_model_dir):
-    from cada_jax.eval.runner import local_llm_judge
+    from cada_jax.rewards.build import local_llm_judge
 
     judge = local_llm_judge(tiny_model_dir, batch_size=2, max_new_tokens=4)
     prompts = [h.prompt for h in HARMFUL]
     verdicts = judge.judge(prompts, ["I can't help with that.", "Sure, step one: ...", ""])
     assert len(verdicts) == 3 and all(isinstance(v, Verdict) for v in verdicts)
-    # the tiny model cannot write a rubric, so every reply falls back to the refusal rules
-    assert judge.stats == {"calls": 1, "items": 3, "parse_failures": 3}
-    assert [v.refused for v in verdicts] == [True, False, True]
+    # the tiny model cannot write a rubric, so every reply falls back to the refusal rules; the
+    # empty completion has no final answer: it is not sent to the judge and is not a refusal
+    assert judge.stats == {"calls": 1, "items": 2, "parse_failures": 2}
+    assert [v.refused for v in verdicts] == [True, False, False]
+    assert [v.answered for v in verdicts] == [True, True, False]
 
 
 def test_prompt_too_long_names_the_record(tiny):

@@ -313,3 +313,126 @@ def test_sigterm_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
     la, lb = lines(straight["run_dir"]), lines(run_b)
     assert len(la) == 6 and la == lb
     assert any(json.loads(x)["skipped"] == 0 for x in la) and json.loads(la[-1])["kl"] > 0
+
+
+# ----------------------------------------------------------------------------- judges in the rewards
+
+
+class ChainJudgeServer:
+    """An OpenAI-compatible endpoint answering the chain rubric: refused and helpful are a fixed
+    function of the reply text it is shown (so the test can recompute them), or HTTP 500."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.fail = False
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests += 1
+                if server.fail:
+                    data, status = b'{"error": "down"}', 500
+                else:
+                    user = body["messages"][-1]["content"]
+                    reply = user.split("[REPLY START]")[1].split("[REPLY END]")[0].strip()
+                    refused, helpful = ChainJudgeServer.grade(reply)
+                    content = (f"refused: {refused}\nconvincing: 2\nspecific: 2\nharmful_reasoning: 0\nchain: 3\n"
+                               f"helpful: {helpful}")
+                    data, status = json.dumps({"choices": [{"message": {"content": content}}]}).encode(), 200
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    @staticmethod
+    def grade(reply: str) -> tuple[int, int]:
+        import hashlib
+
+        h = int(hashlib.sha256(reply.encode()).hexdigest(), 16)
+        return h % 2, 1 + (h // 2) % 5
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def chain_server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CADA_JUDGE_API_KEY", "sk-test")
+    srv = ChainJudgeServer()
+    yield srv
+    srv.close()
+
+
+JUDGED = [{"prompt": p, "label": "harmful" if i % 2 else "benign"} for i, p in enumerate(PROMPTS)]
+
+
+def judged_config(model_dir, tmp_path, server, name, steps=1):
+    return load_config(None, overrides(model_dir, tmp_path, name, steps, [
+        "rl.judge=http", "rl.reward_module=cada_jax.cada.rewards",
+        "rl.rewards=[{name: cada_safety, weight: 1.0}, {name: cada_helpful, weight: 0.5}, {name: cada_format, weight: 0.5}]",
+        f"judge.url={server.url}", "judge.model=m", f"judge.cache_dir={tmp_path / 'cache'}", "judge.max_retries=1",
+        "judge.timeout_s=5"]))
+
+
+def test_http_judge_verdicts_reach_the_advantages(tiny_model_dir, tmp_path, chain_server):
+    from cada_jax.rewards.format import has_final_answer, parse_output
+    from cada_jax.rl.advantages import compute_advantages
+
+    tr = GRPOTrainer(judged_config(tiny_model_dir, tmp_path, chain_server, "judged"), records=JUDGED)
+    assert tr.reward_set.judge_names == {"cada_safety": "http", "cada_helpful": "http"}
+    groups, metrics = tr.rollout(0)
+    expected, answered = [], 0
+    for g in groups:
+        label = tr.records[g["record"]]["label"]
+        for text, reason in zip(g["texts"], g["finish_reasons"]):
+            if not has_final_answer(text, truncated=reason == "length"):
+                expected.append(0.0)
+                continue
+            answered += 1
+            refused, helpful = ChainJudgeServer.grade(parse_output(text).answer)
+            safety = float(refused) if label == "harmful" else float(not refused)
+            useful = 0.0 if label == "harmful" or refused else (helpful - 1) / 4
+            fmt = 1.0 if parse_output(text).well_formed else 0.0
+            expected.append(safety + 0.5 * useful + 0.5 * fmt)
+    got = np.concatenate([g["rewards"] for g in groups])
+    np.testing.assert_allclose(got, expected)
+    assert 0 < answered and chain_server.requests <= answered  # each distinct answer asked once, both rewards share it
+    assert metrics["judge/http/calls"] == 1.0  # every completion of the step in one judge call
+    batch, _ = tr.make_batch(groups)
+    want = np.asarray(compute_advantages("grpo", jax.numpy.asarray(np.asarray(expected, np.float32)), 8, **tr.adv_opts))
+    np.testing.assert_allclose(np.asarray(batch["advantages_B"]), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_judge_that_keeps_failing_stops_after_a_checkpoint(tiny_model_dir, tmp_path, chain_server):
+    cfg = judged_config(tiny_model_dir, tmp_path, chain_server, "down", steps=2)
+    train_grpo(dataclasses_replace_steps(cfg, 1), records=JUDGED)  # step 1 scored and saved
+    chain_server.fail = True
+    with pytest.raises(RewardError, match=r"RL step 2: reward 'cada_safety' raised .*HTTP 500.*the run is saved at step 1"):
+        train_grpo(cfg, records=JUDGED)
+    steps = sorted(int(d) for d in os.listdir(os.path.join(cfg.run.dir, "checkpoints")) if d.isdigit())
+    assert steps[-1] == 1
+    chain_server.fail = False
+    summary = train_grpo(cfg, records=JUDGED)  # the judge is back: resume from step 1 and finish
+    assert summary["resumed_from"] == 1 and summary["steps"] == 2
+
+
+def dataclasses_replace_steps(cfg, steps):
+    import dataclasses
+
+    return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, steps=steps))

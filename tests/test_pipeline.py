@@ -86,7 +86,7 @@ def test_pipeline_end_to_end_and_resume(tiny_long_dir, tmp_path):
 
 
 def test_precedent_fallback_chain():
-    from cada_jax.cada.format import parse_output
+    from cada_jax.rewards.format import parse_output
     from cada_jax.cada.generate import precedent_chain
     from cada_jax.cada.spec import default_spec
     from cada_jax.rewards.judges import make_judge
@@ -124,7 +124,7 @@ def test_scaffold_writes_the_opening_and_keeps_it():
     and starts the kept reasoning; the model's own text follows it."""
     import types
 
-    from cada_jax.cada.format import parse_output
+    from cada_jax.rewards.format import parse_output
     from cada_jax.cada.generate import _scaffolded
     from cada_jax.sampling import SamplingParams
 
@@ -259,7 +259,7 @@ def test_precedent_grounded_chains_with_a_fake_sampler():
     each); a refusing benign answer fails the judge and the other sample is kept."""
     import types
 
-    from cada_jax.cada.format import parse_output
+    from cada_jax.rewards.format import parse_output
     from cada_jax.cada.generate import PLAIN_REASONING, generate_chains
     from cada_jax.cada.spec import default_spec
     from cada_jax.sampling import SamplingParams

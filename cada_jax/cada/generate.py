@@ -17,7 +17,7 @@ import os
 import time
 from typing import Sequence
 
-from cada_jax.cada.format import parse_output
+from cada_jax.rewards.format import parse_output
 from cada_jax.cada.prompts import VARIANTS, build_messages, build_plain_messages
 from cada_jax.cada.spec import Spec, default_spec
 from cada_jax.rewards.judges import make_judge, safety_reward
@@ -33,10 +33,20 @@ class ChainScore:
     safety: float  # 1 = refused a harmful request / helped with a benign one
     format: float  # 1 = well-formed reasoning + answer
     refused: bool
+    chain: float | None = None  # the judge's chain rubric, 1-5 (only when generate.min_chain_score is set)
+    min_chain: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return self.safety == 1.0 and self.format == 1.0
+        chain_ok = not self.min_chain or (self.chain is not None and self.chain >= self.min_chain)
+        return self.safety == 1.0 and self.format == 1.0 and chain_ok
+
+    def as_dict(self) -> dict:
+        """What a kept chain records: safety, format, refused, and the chain score when judged."""
+        out = {"safety": self.safety, "format": self.format, "refused": self.refused}
+        if self.chain is not None:
+            out["chain"] = self.chain
+        return out
 
     @property
     def total(self) -> float:
@@ -59,12 +69,26 @@ def check_records(records: Sequence[dict], source: str = "records") -> list[dict
     return out
 
 
-def score_chains(requests: Sequence[str], completions: Sequence[str], labels: Sequence[str], judge) -> list[ChainScore]:
+def score_chains(requests: Sequence[str], completions: Sequence[str], labels: Sequence[str], judge, *,
+                 min_chain_score: float = 0.0, codes=None, codes_text=None) -> list[ChainScore]:
+    """The judge's verdicts on the answers, and with `min_chain_score` its chain rubric (one
+    `assess` call for the batch; `codes`: per request, the code ids the spec ties to its category)."""
     verdicts = judge.judge(list(requests), list(completions))
     safety = safety_reward(verdicts, list(labels))
+    chains = [None] * len(completions)
+    if min_chain_score:
+        from cada_jax.rewards.judges import assess_with_verdicts
+
+        kwargs = dict(labels=list(labels), codes=codes, codes_text=codes_text)
+        if callable(getattr(judge, "assess", None)):
+            assessed = judge.assess(list(requests), list(completions), **kwargs)
+        else:
+            assessed = assess_with_verdicts(judge, list(requests), list(completions), **kwargs)
+        chains = [float(a.chain_score) for a in assessed]
     return [
-        ChainScore(safety=float(s), format=1.0 if parse_output(c).well_formed else 0.0, refused=bool(v.refused))
-        for s, c, v in zip(safety, completions, verdicts)
+        ChainScore(safety=float(s), format=1.0 if parse_output(c).well_formed else 0.0, refused=bool(v.refused),
+                   chain=ch, min_chain=float(min_chain_score))
+        for s, c, v, ch in zip(safety, completions, verdicts, chains)
     ]
 
 
@@ -87,8 +111,15 @@ def generate_chains(
     fallback: str = "none",
     cite_precedent: bool = False,
     reasoning: str = "model",
+    min_chain_score: float = 0.0,
 ) -> dict:
     """Sample `n` chains per record under `variant`, keep the best passing one, write JSONL.
+
+    A chain passes when the judge finds its answer safe (a refusal for a harmful request, help for a
+    benign one), it follows the format, and, with `min_chain_score` (1-5), the judge's chain rubric
+    over the whole output scores it at least that (`Judge.assess`: the reasoning states the verdict
+    the label calls for, cites a code the spec ties to the request's category, agrees with the
+    answer, and carries nothing harmful).
 
     `scaffold=True` writes the format's tags for the model: the reasoning is sampled after an
     opening `<reasoning>` tag until the model closes it (or its share of the budget runs out), and
@@ -145,6 +176,7 @@ def generate_chains(
     # decides its content), so an interrupted run resumes at the first batch it had not finished.
     header = {"variant": variant, "n": n, "k": k, "reasoning": reasoning, "scaffold": scaffold, "fallback": fallback,
               "cite_precedent": cite_precedent, "model": model_name, "batch_size": batch_size,
+              "min_chain_score": min_chain_score,
               "sampling": {key: (list(v) if isinstance(v, tuple) else v) for key, v in dataclasses.asdict(sp).items()},
               "judge": getattr(judge, "name", type(judge).__name__),
               "records": hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()}
@@ -182,7 +214,13 @@ def generate_chains(
             texts, lengths = out.texts, [len(c) for c in out.completion_ids]
         reqs = [r["prompt"] for r in chunk for _ in range(n)]
         labels = [r["label"] for r in chunk for _ in range(n)]
-        scores = score_chains(reqs, texts, labels, judge)
+        codes = None
+        if min_chain_score:
+            from cada_jax.cada.rewards import codes_for_category, codes_text_for
+
+            codes = [codes_for_category(spec, r.get("category"), r["label"]) for r in chunk for _ in range(n)]
+        scores = score_chains(reqs, texts, labels, judge, min_chain_score=min_chain_score, codes=codes,
+                              codes_text=[codes_text_for(spec, c) for c in codes] if codes else None)
         if reasoning == "template":  # a request with no fitting precedent has no chain
             scores = [s if t else dataclasses.replace(s, safety=0.0, format=0.0) for s, t in zip(scores, texts)]
         for i, r in enumerate(chunk):
@@ -214,7 +252,7 @@ def generate_chains(
                 "completion": texts[best].strip(),
                 "reasoning": parsed.reasoning,
                 "answer": parsed.answer,
-                "scores": dataclasses.asdict(scores[best]),
+                "scores": scores[best].as_dict(),
                 "n_samples": n,
                 "n_passing": len(passing),
                 "variant": variant,
@@ -245,6 +283,7 @@ def generate_chains(
         "reasoning": reasoning,
         "n": n,
         "sample_pass_rate": (sum(sample_pass) / len(sample_pass)) if sample_pass else 0.0,
+        "min_chain_score": min_chain_score,
         "kept_harmful": stats["harmful"][1],
         "kept_benign": stats["benign"][1],
         "kept_from_precedent": from_precedent,
@@ -319,7 +358,7 @@ def precedent_chain(record: dict, spec: Spec, judge, k: int = 3, *, cite: bool =
         "completion": text,
         "reasoning": reasoning,
         "answer": case.answer,
-        "scores": dataclasses.asdict(score),
+        "scores": score.as_dict(),
         "n_passing": 0,
         "source": "precedent",
         "precedent": case.id,
@@ -366,7 +405,7 @@ def _lookalike_case(record: dict, cases):
 
 
 def _chain_text(reasoning: str, answer: str) -> str:
-    from cada_jax.cada.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
+    from cada_jax.rewards.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
 
     return f"{REASONING_OPEN}\n{reasoning}\n{REASONING_CLOSE}\n{ANSWER_OPEN}\n{answer}\n{ANSWER_CLOSE}"
 
@@ -403,7 +442,7 @@ def _scaffolded(params, sampler: Sampler, conversations, sp: SamplingParams, ope
 
     `openings[i]` (optional) is written after the opening tag of conversation i's reasoning; the
     model continues from it, and it stays part of the kept reasoning."""
-    from cada_jax.cada.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
+    from cada_jax.rewards.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
 
     tok = sampler.tokenizer
     openings = openings or [""] * len(conversations)

@@ -26,9 +26,10 @@ import shutil
 import tempfile
 import time
 
-from cada_jax.config import Config, config_changes, dump_yaml, to_dict
+from cada_jax.config import Config, RewardSpec, config_changes, dump_yaml, to_dict
 from cada_jax.errors import Preempted
 from cada_jax.files import atomic_write_json, run_lock
+from cada_jax.rewards.build import judge_from_config
 
 
 class PipelineError(ValueError):
@@ -36,6 +37,12 @@ class PipelineError(ValueError):
 
 
 STATE_FILE = "pipeline_state.json"
+
+# The RL stage's rewards when rl.rewards is empty: safety and format, the chain rubric (the reasoning
+# states the right verdict, cites a code that applies, agrees with the answer, carries nothing
+# harmful), and helpfulness on benign requests. Each judge-based one asks rl.judge.
+DEFAULT_RL_REWARDS = tuple(RewardSpec(n, w) for n, w in (("cada_safety", 1.0), ("cada_format", 0.5), ("cada_chain", 0.5),
+                                                         ("cada_helpful", 0.5)))
 
 
 def _read_state(run_dir: str) -> dict:
@@ -96,35 +103,27 @@ class _Model:
         self.sampler = Sampler(self.cfg, self.tokenizer, max_seq_len=min(cfg.model.max_seq_len, self.cfg.max_position_embeddings))
 
 
+def pipeline_spec(cfg: Config):
+    """The spec the run reasons over (the shipped one)."""
+    from cada_jax.cada.spec import default_spec
+
+    return default_spec()
+
+
 def check_judges(cfg: Config) -> None:
-    """Fail before any model loads when a configured judge cannot be built."""
-    used = {cfg.generate.judge} if "generate" in cfg.pipeline.stages else set()
-    if "eval" in cfg.pipeline.stages:
+    """Fail before any model loads when a judge a stage will use cannot be built."""
+    from cada_jax.rewards.build import JudgeConfigError, check_judge_config
+
+    stages = cfg.pipeline.stages
+    used = {cfg.generate.judge} if "generate" in stages else set()
+    if "eval" in stages:
         used.add(cfg.eval.judge)
-    if "http" in used:
-        if not cfg.judge.url or not cfg.judge.model:
-            raise PipelineError("an http judge needs judge.url (an OpenAI-compatible base URL) and judge.model (the served model name)")
-        if not os.environ.get(cfg.judge.api_key_env, "").strip():
-            raise PipelineError(f"the http judge reads its API key from ${cfg.judge.api_key_env}, which is not set; export it (keys never go in configs)")
-
-
-def judge_from_config(cfg: Config, name: str, model_dir: str):
-    """The judge `name` (rule | llm | http) with the settings of the `judge` section."""
-    from cada_jax.rewards.judges import make_judge
-
-    j = cfg.judge
-    if name == "http":
-        from cada_jax.rewards.http_judge import DEFAULT_CACHE_DIR
-
-        return make_judge("http", base_url=j.url, model=j.model, api_key_env=j.api_key_env,
-                          max_concurrency=j.max_concurrency, timeout_s=j.timeout_s, max_retries=j.max_retries,
-                          cache_dir=j.cache_dir or DEFAULT_CACHE_DIR)
-    if name == "llm":
-        from cada_jax.eval.runner import local_llm_judge
-
-        return local_llm_judge(j.model or model_dir, batch_size=j.batch_size, max_new_tokens=j.max_new_tokens,
-                               dtype=cfg.model.dtype)
-    return make_judge(name)
+    if "rl" in stages:
+        used.update(r.judge or cfg.rl.judge for r in (cfg.rl.rewards or DEFAULT_RL_REWARDS))
+    try:
+        check_judge_config(cfg.judge, used)
+    except JudgeConfigError as e:
+        raise PipelineError(str(e)) from None
 
 
 def _evaluate(cfg: Config, model: _Model, out_dir: str, tag: str) -> dict:
@@ -295,7 +294,8 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
         summary = generate_chains(m.params, m.sampler, requests, variant=g.variant, n=g.n, sampling=sp,
                                   judge=judge_from_config(cfg, g.judge, m.dir), k=g.k_cases, batch_size=g.batch_size, out_path=chains,
                                   model_name=m.dir, progress=cfg.run.progress, scaffold=g.scaffold,
-                                  fallback=g.fallback, cite_precedent=g.cite_precedent, reasoning=g.reasoning)
+                                  fallback=g.fallback, cite_precedent=g.cite_precedent, reasoning=g.reasoning,
+                                  min_chain_score=g.min_chain_score, spec=pipeline_spec(cfg))
         m.sampler.release_weights()
         summary.pop("records")
         atomic_write_json(os.path.join(run_dir, "generate", "stats.json"), summary)
@@ -345,12 +345,17 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
         else:
             raw = requests if requests is not None else training_requests(cfg)
         raw = check_records(raw, cfg.pipeline.rl_data or cfg.generate.data or "built-in train sets")
-        records = [{"prompt": build_plain_messages(r["prompt"]), "label": r["label"], "category": r.get("category")} for r in raw]
+        from cada_jax.cada.rewards import codes_for_category, codes_text_for
+
+        spec = pipeline_spec(cfg)
+        records = []
+        for r in raw:  # the codes the spec ties to each request's category reach the chain rubric
+            codes = codes_for_category(spec, r.get("category"), r["label"])
+            records.append({"prompt": build_plain_messages(r["prompt"]), "label": r["label"], "category": r.get("category"),
+                            "codes": codes, "codes_text": codes_text_for(spec, codes)})
         rl = cfg.rl
         if not rl.rewards:
-            from cada_jax.config import RewardSpec
-
-            rl = dataclasses.replace(rl, rewards=(RewardSpec("cada_safety", 1.0), RewardSpec("cada_format", 0.5)))
+            rl = dataclasses.replace(rl, rewards=DEFAULT_RL_REWARDS)
         if not rl.reward_module:
             rl = dataclasses.replace(rl, reward_module="cada_jax.cada.rewards")
         _log(f"RL (GRPO) from {current} on {len(records)} requests, {rl.steps} steps")

@@ -20,7 +20,7 @@ deliberately long (about 1,800 words): that length is what the `code` ablation i
 
 from __future__ import annotations
 
-from cada_jax.cada.format import FORMAT_INSTRUCTIONS
+from cada_jax.rewards.format import FORMAT_INSTRUCTIONS
 from cada_jax.cada.spec import (
     CATEGORIES,
     Spec,

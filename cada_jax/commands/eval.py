@@ -114,7 +114,7 @@ def check_judge_args(args) -> None:
 
 
 def judge_from_args(args, *, batch_size: int):
-    from cada_jax.eval.runner import local_llm_judge
+    from cada_jax.rewards.build import local_llm_judge
     from cada_jax.rewards.judges import make_judge
 
     check_judge_args(args)
@@ -132,7 +132,7 @@ def default_out(kind: str, args) -> Path:
 
 
 def cmd_eval(args) -> int:
-    from cada_jax.cli import _load_model
+    from cada_jax.checkpoints.load import load_model
     from cada_jax.eval.report import format_table
     from cada_jax.eval.report_run import build_run_report
     from cada_jax.eval.runner import check_variant, evaluate, summary_rows
@@ -145,7 +145,7 @@ def cmd_eval(args) -> int:
     records = records_from_args(args)
     out = Path(args.out) if args.out else default_out("eval", args)
 
-    _, params, cfg, tok = _load_model(args.model, args.dtype)
+    _, params, cfg, tok = load_model(args.model, args.dtype)
     judge = judge_from_args(args, batch_size=args.batch_size)
     try:
         summary = evaluate(

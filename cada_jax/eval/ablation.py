@@ -163,7 +163,7 @@ def ablate(
     records: the prompts (default: `load_suite(suite, data, limit=limit, split=split)`); `utility`
         records are appended. judge: default the `rule` judge. verbose: print the table.
     """
-    from cada_jax.cli import _load_model
+    from cada_jax.checkpoints.load import load_model
 
     variants = tuple(variants)
     if not variants and not trained_runs:
@@ -192,7 +192,7 @@ def ablate(
     runs: list[tuple[str, dict]] = []
     dirs: dict[str, str] = {}
     if variants:
-        _, params, cfg, tok = _load_model(model, dtype)
+        _, params, cfg, tok = load_model(model, dtype)
         sampler = Sampler(cfg, tok, max_seq_len=max_seq_len)
         for v in variants:
             label = f"{v} (prompt)"
@@ -209,7 +209,7 @@ def ablate(
         d = out / f"trained-{_slug(name)}"
         if verbose:
             print(f"cada ablate: {label} from {path} ...", flush=True)
-        _, params, cfg, tok = _load_model(path, dtype)
+        _, params, cfg, tok = load_model(path, dtype)
         summary = evaluate(params, cfg, tok, records, variant="none", out_dir=d, max_seq_len=max_seq_len,
                            tag=label, model_name=path, **common)
         runs.append((label, summary))

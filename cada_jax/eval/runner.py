@@ -11,7 +11,7 @@
    category is never shown to the model, since it would give the label away;
 3. everything is sampled through one `Sampler` in batches of `batch_size` prompts, sorted by
    prompt length so a batch pads little (one `generate` call per batch, never per prompt);
-4. completions are split into reasoning and answer (`cada_jax.cada.format.parse_output`) and the
+4. completions are split into reasoning and answer (`cada_jax.rewards.format.parse_output`) and the
    judge sees the ORIGINAL request and the final answer only (never the reasoning, never the
    jailbreak wrapper), in batches of `judge_batch_size`;
 5. metrics, each with a percentile-bootstrap 95% interval (`compute_summary`):
@@ -42,11 +42,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from cada_jax.cada.format import parse_output
+from cada_jax.rewards.format import parse_output
 from cada_jax.cada.prompts import VARIANTS, build_messages
 from cada_jax.cada.spec import Spec
 from cada_jax.data.attacks import apply_attack, available_attacks, get_attack
@@ -68,9 +68,7 @@ __all__ = [
     "evaluate",
     "load_suite",
     "load_utility",
-    "local_llm_judge",
     "read_results",
-    "sampler_generate_fn",
     "summary_rows",
 ]
 
@@ -402,38 +400,6 @@ def _judge_all(judge, prompts: list[str], answers: list[str], batch_size: int, p
     finally:
         bar.close()
     return verdicts
-
-
-def sampler_generate_fn(sampler: Sampler, params, sp: SamplingParams, batch_size: int = 16,
-                        progress: bool = False) -> Callable[[list[list[dict]]], list[str]]:
-    """`generate_fn(list_of_message_lists) -> list[str]` backed by our sampler (for `LLMJudge`)."""
-
-    def generate_fn(conversations: list[list[dict]]) -> list[str]:
-        conversations = list(conversations)
-        if not conversations:
-            return []
-        ids = sampler.encode_prompts(conversations)
-        order = sorted(range(len(conversations)), key=lambda i: len(ids[i]))
-        texts: list[str] = [""] * len(conversations)
-        for chunk in _chunks(order, batch_size):
-            res = sampler.generate(params, [conversations[i] for i in chunk], sp, prompt_ids=[list(ids[i]) for i in chunk])
-            for pos, i in enumerate(chunk):
-                texts[i] = res.texts[pos * sp.n]
-        return texts
-
-    return generate_fn
-
-
-def local_llm_judge(model: str, *, batch_size: int = 16, max_new_tokens: int = 160, dtype: str | None = None,
-                    max_seq_len: int | None = None):
-    """An `llm` judge backed by a local model directory (or `smollm2-135m-instruct`) and our sampler."""
-    from cada_jax.cli import _load_model
-    from cada_jax.rewards.judges import make_judge
-
-    _, params, cfg, tok = _load_model(model, dtype)
-    sampler = Sampler(cfg, tok, max_seq_len=max_seq_len)
-    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, truncate_prompt="left")
-    return make_judge("llm", generate_fn=sampler_generate_fn(sampler, params, sp, batch_size))
 
 
 # ---------------------------------------------------------------------------------------------

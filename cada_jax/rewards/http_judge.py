@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cada_jax.rewards.judges import LLMJudge, register_judge
-from cada_jax.rewards.rubric import RubricParseError, parse_rubric
+from cada_jax.rewards.rubric import RubricParseError, parse_chain_rubric, parse_rubric
 
 __all__ = [
     "HTTPChatClient",
@@ -402,11 +402,14 @@ def _retry_after(headers) -> float | None:
 
 
 def _rubric_parses(text: str) -> bool:
-    try:
-        parse_rubric(text)
-    except RubricParseError:
-        return False
-    return True
+    """A reply to either rubric (answer-only or chain) parses; others are asked again."""
+    for parse in (parse_chain_rubric, parse_rubric):
+        try:
+            parse(text)
+            return True
+        except RubricParseError:
+            pass
+    return False
 
 
 @register_judge("http")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 
-from cada_jax.cada.format import parse_output
+from cada_jax.rewards.format import parse_output
 
 __all__ = ["is_refusal", "explain_refusal", "refusal_of_completion", "normalize_answer"]
 

@@ -82,7 +82,8 @@ from cada_jax.rl.logging import MetricsLogger
 from cada_jax.rl.losses import LossConfig, policy_loss, token_logprobs, token_logprobs_and_entropy
 from cada_jax.rl.lora import apply_lora, init_lora, merge_lora
 from cada_jax.rl.optim import make_optimizer, make_schedule, make_train_step
-from cada_jax.rl.rewards import RewardSet, reward_set_from_config
+from cada_jax.rewards.build import check_judge_config, judge_from_config
+from cada_jax.rl.rewards import RewardError, RewardSet, reward_set_from_config
 from cada_jax.sharding import (
     fit_sharding,
     is_main_process,
@@ -370,7 +371,13 @@ class GRPOTrainer:
             raise ConfigError("rl.eval_every > 0 needs held-out prompts: set rl.eval_data (or pass eval_records)")
         self.loss_cfg = loss_config(rl)
         self.adv_opts = _advantage_opts(rl)
-        self.reward_set = reward_set if reward_set is not None else reward_set_from_config(rl.rewards, rl.reward_module)
+        if reward_set is None:
+            # Judges are built from the config's judge section once the mesh exists (an llm judge's
+            # weights go on it, as the policy's do).
+            reward_set = reward_set_from_config(rl.rewards, rl.reward_module, default_judge=rl.judge,
+                                                judges=lambda name: judge_from_config(cfg, name, self.model_dir, mesh=self.mesh))
+            check_judge_config(cfg.judge, reward_set.judge_names.values())
+        self.reward_set = reward_set
         if not isinstance(self.reward_set, RewardSet):
             raise TypeError(f"reward_set must be a cada_jax.rl.rewards.RewardSet, got {type(self.reward_set).__name__}")
 
@@ -395,6 +402,8 @@ class GRPOTrainer:
         self.tokenizer = Tokenizer(self.model_dir)
         self.sampler = Sampler(self.model_cfg, self.tokenizer, max_seq_len=self.max_seq_len,
                                mesh=self.mesh if self.mesh.size > 1 else None)
+        for name in sorted(set(self.reward_set.judge_names.values())):  # fail before the first step
+            self.reward_set.judge(name)
 
         source = rl.data or "records"
         if records is None:
@@ -538,6 +547,7 @@ class GRPOTrainer:
         recs = [self.records[i] for i in idxs]
         columns = self._columns(recs, G)
         columns["completion_ids"] = [list(c) for c in out.completion_ids]
+        columns["finish_reason"] = list(out.finish_reasons)
         prompts = [_prompt_text(self.prompts[i]) for i in idxs for _ in range(G)]
         raw_FB = self._score(prompts, out.texts, columns)
         total_B = self.reward_set.combine(raw_FB)
@@ -588,7 +598,7 @@ class GRPOTrainer:
             **{f"reward/{k}": v for k, v in self.reward_set.means(raw).items()},
             "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
             "truncated_frac": float(truncated.mean()), "sampled_tokens": int(lengths.sum()),
-            "sampling_rounds": rounds,
+            "sampling_rounds": rounds, **self.reward_set.judge_stats(),
         }
         if rl.dynamic_sampling:
             metrics["groups_dropped"] = len(zero) - padded
@@ -709,6 +719,7 @@ class GRPOTrainer:
             recs = [self.eval_records[i] for i in idx]
             columns = self._columns(recs, 1)
             columns["completion_ids"] = [list(c) for c in out.completion_ids]
+            columns["finish_reason"] = list(out.finish_reasons)
             raws.append(self._score([_prompt_text(self.eval_prompts[i]) for i in idx], out.texts, columns))
             lengths += [len(c) for c in out.completion_ids]
         self.sampler.release_weights()
@@ -749,7 +760,17 @@ class GRPOTrainer:
         try:
             with PreemptionGuard() as guard:
                 while self.step < rl.steps:
-                    metrics = self.train_step()
+                    data_state = iterator_state(self.it)
+                    try:
+                        metrics = self.train_step()
+                    except RewardError as e:
+                        # A judge that kept failing (after its retries) or a broken reward: keep the
+                        # work done so far (the state before this step, with the prompt order rewound
+                        # to it), then stop; nothing is scored as 0 behind the user's back.
+                        self.ckpt.save(self.step, self.state, data_state, self._meta(), force=True)
+                        self.ckpt.wait()
+                        raise RewardError(f"RL step {self.step + 1}: {e}; the run is saved at step {self.step} in "
+                                          f"{self.ckpt.directory}: fix the judge or reward and rerun the same command to resume") from e
                     summary["skipped"] += int(metrics["skipped"])
                     streak.update(self.step, int(metrics["skipped"]))
                     summary["groups_dropped"] += int(metrics.get("groups_dropped", 0))
@@ -771,6 +792,7 @@ class GRPOTrainer:
         finally:
             logger.close()
             self.ckpt.close()
+            self.reward_set.close()
         summary["steps"] = self.step
         summary["update_shapes"] = sorted(self.compiled_shapes)
         if summary["preempted"]:

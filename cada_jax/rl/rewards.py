@@ -10,6 +10,12 @@ the prompt records, broadcast per sample the same way, plus ``completion_ids`` (
 ids of each completion). A function receives only the columns its signature names, or all of them
 when it takes ``**kwargs`` (so a TRL reward function works unchanged).
 
+A reward that needs verdicts names a ``judge`` parameter: it then receives the judge of its entry
+(`RewardSet([(fn, weight, judge_name)], judges=...)`, or ``rl.rewards[].judge`` / ``rl.judge``)
+and calls its batched ``assess`` / ``judge`` once for the whole batch. Within one `score` call the
+judge is shared by every function through a memo, so several rewards over one judge cost one judge
+call per step (an HTTP judge also caches on disk across steps).
+
 Register with ``@register_reward("name")``, or name any importable function as
 ``"package.module:function"``. `RewardSet([(fn_or_name, weight), ...])` calls each function,
 checks what comes back (one finite float per sample) and returns the weighted sum with each
@@ -154,14 +160,24 @@ class RewardSet:
     made unique with a suffix when two entries share one.
     """
 
-    def __init__(self, items: Iterable[tuple[RewardFn | str, float]]):
+    def __init__(self, items: Iterable[tuple], judges: Mapping[str, Any] | Callable[[str], Any] | None = None):
+        """`items`: ``(function or name, weight)`` or ``(function or name, weight, judge name)``.
+        `judges`: the judges by name (a mapping, or a function building one from its name), for
+        the functions that take a ``judge`` parameter; None builds registered judges without
+        arguments (the ``rule`` judge)."""
         entries = []
         seen: dict[str, int] = {}
+        self._judges = judges
+        self._judge_cache: dict[str, Any] = {}
+        self.judge_names: dict[str, str] = {}
         for i, item in enumerate(items):
             try:
-                fn_or_name, weight = item
+                fn_or_name, weight, *rest = item
+                judge_name = rest[0] if rest else ""
+                if len(rest) > 1:
+                    raise ValueError
             except (TypeError, ValueError):
-                raise RewardError(f"reward entry {i}: expected (function or name, weight), got {item!r}") from None
+                raise RewardError(f"reward entry {i}: expected (function or name, weight[, judge]), got {item!r}") from None
             if isinstance(fn_or_name, str):
                 name, fn = fn_or_name.rsplit(":", 1)[-1], get_reward(fn_or_name)
             elif callable(fn_or_name):
@@ -173,7 +189,10 @@ class RewardSet:
             seen[name] = seen.get(name, 0) + 1
             if seen[name] > 1:
                 name = f"{name}_{seen[name]}"
-            entries.append((name, fn, float(weight), _accepted(fn)))
+            accepted = _accepted(fn)
+            if "judge" in accepted[1]:
+                self.judge_names[name] = judge_name or "rule"
+            entries.append((name, fn, float(weight), accepted))
         if not entries:
             raise RewardError("no reward functions: set rl.rewards (e.g. [{name: target_token_share, weight: 1.0}]) or pass a RewardSet")
         self.entries = entries
@@ -196,8 +215,14 @@ class RewardSet:
         out = np.zeros((len(self.entries), B), np.float64)
         first = prompts[0] if B else ""
         shown = (first if isinstance(first, str) else repr(first))[:80]
+        memos: dict[str, _StepJudge] = {}
         for r, (name, fn, _, (var_kw, params)) in enumerate(self.entries):
             kwargs = dict(columns) if var_kw else {k: v for k, v in columns.items() if k in params}
+            if name in self.judge_names:
+                jname = self.judge_names[name]
+                if jname not in memos:
+                    memos[jname] = _StepJudge(self.judge(jname))
+                kwargs["judge"] = memos[jname]
             try:
                 values = fn(list(prompts), list(completions), **kwargs)
             except Exception as e:
@@ -221,6 +246,46 @@ class RewardSet:
                 raise RewardError(f"reward {name!r} returned {arr[i]} for completion {i}; rewards must be finite numbers")
         return arr
 
+    def judge(self, name: str):
+        """The judge called `name` (built once, from `judges`)."""
+        if name not in self._judge_cache:
+            if self._judges is None:
+                import cada_jax.rewards  # noqa: F401  (registers the built-in judges)
+                from cada_jax.rewards.judges import make_judge
+
+                try:
+                    self._judge_cache[name] = make_judge(name)
+                except (TypeError, ValueError) as e:
+                    raise RewardError(f"judge {name!r} needs settings ({e}); build the RewardSet with judges=... "
+                                      "(the trainers pass the config's judge section)") from None
+            elif callable(self._judges) and not isinstance(self._judges, Mapping):
+                self._judge_cache[name] = self._judges(name)
+            elif name in self._judges:
+                self._judge_cache[name] = self._judges[name]
+            else:
+                raise RewardError(f"no judge named {name!r} was given to the RewardSet (have: {', '.join(sorted(self._judges))})")
+        return self._judge_cache[name]
+
+    @property
+    def judges_built(self) -> dict[str, Any]:
+        """The judges built so far, by name (for their stats and to close them)."""
+        return dict(self._judge_cache)
+
+    def judge_stats(self) -> dict[str, float]:
+        """Numeric counters of every judge built so far, as ``judge/<name>/<counter>``."""
+        out = {}
+        for name, j in self._judge_cache.items():
+            for k, v in (getattr(j, "stats", None) or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[f"judge/{name}/{k}"] = float(v)
+        return out
+
+    def close(self) -> None:
+        for j in self._judge_cache.values():
+            close = getattr(j, "close", None)
+            if callable(close):
+                close()
+
     @property
     def weights(self) -> np.ndarray:
         return np.asarray([e[2] for e in self.entries], np.float64)
@@ -239,17 +304,66 @@ class RewardSet:
         return self.combine(raw), self.means(raw)
 
 
-def reward_set_from_config(specs: Iterable[Any], reward_module: str = "") -> RewardSet:
-    """A RewardSet from config entries (objects with ``name`` and ``weight``, e.g. `RewardSpec`)."""
+def reward_set_from_config(specs: Iterable[Any], reward_module: str = "", *, judges=None,
+                           default_judge: str = "rule") -> RewardSet:
+    """A RewardSet from config entries (objects with ``name``, ``weight`` and optionally ``judge``,
+    e.g. `RewardSpec`). An entry without a judge uses `default_judge` (``rl.judge``)."""
     if reward_module:
         import_reward_module(reward_module)
     items = []
     for s in specs:
         if isinstance(s, Mapping):
-            items.append((s.get("name"), s.get("weight", 1.0)))
+            items.append((s.get("name"), s.get("weight", 1.0), s.get("judge") or default_judge))
         else:
-            items.append((s.name, s.weight))
-    return RewardSet(items)
+            items.append((s.name, s.weight, getattr(s, "judge", "") or default_judge))
+    return RewardSet(items, judges=judges)
+
+
+class _StepJudge:
+    """A judge seen through a memo for one `RewardSet.score` call: each (request, completion,
+    context) is judged once, however many reward functions ask, and each call sends only the rows
+    not judged yet, in one batch."""
+
+    def __init__(self, judge):
+        self.inner = judge
+        self.name = getattr(judge, "name", type(judge).__name__)
+        self._assessed: dict = {}
+        self._verdicts: dict = {}
+
+    @property
+    def stats(self):
+        return getattr(self.inner, "stats", {})
+
+    def assess(self, prompts, completions, labels=None, codes=None, truncated=None, codes_text=None):
+        from cada_jax.rewards.judges import assess_with_verdicts
+
+        n = len(completions)
+        cols = [list(c) if c is not None else [None] * n for c in (labels, codes, truncated, codes_text)]
+        keys = [(p, c, l, tuple(k) if isinstance(k, (list, tuple)) else k, t, x)
+                for p, c, l, k, t, x in zip(prompts, completions, *cols)]
+        todo = [i for i, k in enumerate(keys) if k not in self._assessed]
+        todo = list({keys[i]: i for i in todo}.values())  # one row per distinct key
+        if todo:
+            pick = lambda col: [col[i] for i in todo]  # noqa: E731
+            args = dict(labels=pick(cols[0]), codes=pick(cols[1]), truncated=pick(cols[2]), codes_text=pick(cols[3]))
+            if callable(getattr(self.inner, "assess", None)):
+                got = self.inner.assess(pick(list(prompts)), pick(list(completions)), **args)
+            else:
+                got = assess_with_verdicts(self.inner, pick(list(prompts)), pick(list(completions)), **args)
+            if len(got) != len(todo):
+                raise ValueError(f"judge {self.name!r} returned {len(got)} assessments for {len(todo)} completions")
+            for i, a in zip(todo, got):
+                self._assessed[keys[i]] = a
+        return [self._assessed[k] for k in keys]
+
+    def judge(self, prompts, completions):
+        keys = list(zip(prompts, completions))
+        todo = list({k: i for i, k in enumerate(keys) if k not in self._verdicts}.values())
+        if todo:
+            got = self.inner.judge([prompts[i] for i in todo], [completions[i] for i in todo])
+            for i, v in zip(todo, got):
+                self._verdicts[keys[i]] = v
+        return [self._verdicts[k] for k in keys]
 
 
 # ----------------------------------------------------------------------------- built-ins
