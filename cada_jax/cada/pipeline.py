@@ -10,6 +10,7 @@
       rl/final/                   the RL policy (HF directory); rl/metrics.jsonl
       final/                      the last trained model (HF directory)
       eval/after/                 summary.json + results.jsonl of the final model
+      cache/spec_embeddings/      precedent embeddings (spec.retrieval embedding / hybrid), reused on rerun
       report.md, report.html      tables, curves, examples
 
 Every stage writes its outputs atomically and records itself in pipeline_state.json only once
@@ -245,6 +246,10 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     from cada_jax.checkpoints.gguf_import import resolve_model
 
     check_judges(cfg)
+    if "generate" in cfg.pipeline.stages:
+        from cada_jax.cada.spec_config import check_spec_section
+
+        check_spec_section(cfg.spec)  # a bad spec directory fails before any model loads
     os.makedirs(run_dir, exist_ok=True)
     state = _read_state(run_dir)
     _check_rerun(cfg, run_dir, state)
@@ -281,6 +286,7 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     requests = None
     if "generate" in stages and "generate" not in done:
         from cada_jax.cada.generate import generate_chains
+        from cada_jax.cada.spec_config import configured_spec
         from cada_jax.sampling import SamplingParams
 
         g = cfg.generate
@@ -292,7 +298,9 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
             _log(f"self-generating chains ({g.variant}) for {len(requests)} requests, {g.n} samples each")
         m = model(base_dir)
         sp = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed)
-        summary = generate_chains(m.params, m.sampler, requests, variant=g.variant, n=g.n, sampling=sp,
+        spec = configured_spec(cfg.spec, stage_model=(m.params, m.cfg, m.tokenizer, m.dir),
+                               cache_dir=os.path.join(run_dir, "cache", "spec_embeddings"), dtype=cfg.model.dtype)
+        summary = generate_chains(m.params, m.sampler, requests, variant=g.variant, n=g.n, sampling=sp, spec=spec,
                                   judge=judge_from_config(cfg, g.judge, m.dir), k=g.k_cases, batch_size=g.batch_size, out_path=chains,
                                   model_name=m.dir, progress=cfg.run.progress, scaffold=g.scaffold,
                                   fallback=g.fallback, cite_precedent=g.cite_precedent, reasoning=g.reasoning)
