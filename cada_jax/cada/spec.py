@@ -362,7 +362,7 @@ def load_spec_dir(directory: str | Path | None = None) -> Spec:
     d = Path(directory).expanduser()
     if not d.is_dir():
         what = "is a file, not a directory" if d.exists() else "not found"
-        raise FileNotFoundError(f"{d}: spec directory {what}; point spec.dir at a directory holding "
+        raise FileNotFoundError(f"{d}: spec directory {what}; point spec.dir (--spec-dir) at a directory holding "
                                 f"{', '.join(SPEC_FILES)} (copy {SPEC_DIR} to start one)")
     missing = [name for name in SPEC_FILES if not (d / name).is_file()]
     if missing:
