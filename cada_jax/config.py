@@ -42,6 +42,7 @@ __all__ = [
     "RLSection",
     "RunSection",
     "GenerateSection",
+    "SpecSection",
     "EvalSection",
     "PipelineSection",
     "Config",
@@ -312,6 +313,19 @@ class GenerateSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpecSection:
+    dir: str = _f("", "spec directory: statutes.yaml, extensive_code.yaml, precedents.jsonl, categories.yaml; '' = the shipped cada_jax/cada/spec/")
+    retrieval: Literal["bm25", "embedding", "hybrid"] = _f("bm25", "how the cases variant ranks precedents: bm25 (words) | embedding (cosine of the embedder's mean-pooled hidden states) | hybrid (reciprocal-rank fusion of both)")
+    embedder: str = _f("", "embedding/hybrid: model whose hidden states embed texts; '' = the model of the stage, or a model directory, or 'smollm2-135m-instruct'")
+    embed_batch_size: int = _f(16, "embedding/hybrid: texts per embedder forward pass")
+    embed_max_len: int = _f(128, "embedding/hybrid: tokens of a text that are embedded (longer texts are cut); padded to 16, 32, ... up to this")
+
+    def __post_init__(self):
+        _check(self.embed_batch_size >= 1, "spec.embed_batch_size", f"must be >= 1, got {self.embed_batch_size}")
+        _check(self.embed_max_len >= 16, "spec.embed_max_len", f"must be >= 16 tokens, got {self.embed_max_len}")
+
+
+@dataclasses.dataclass(frozen=True)
 class JudgeSection:
     model: str = _f("", "llm: judge model directory ('' = the model being trained/evaluated); http: the served model name")
     url: str = _f("", "http: base URL of an OpenAI-compatible server, e.g. https://api.example.com/v1")
@@ -382,6 +396,7 @@ class Config:
     sft: SFTSection = _f(SFTSection, "supervised fine-tuning (context distillation)")
     rl: RLSection = _f(RLSection, "reinforcement learning (GRPO family)")
     generate: GenerateSection = _f(GenerateSection, "CADA stage 1: self-generated reasoning chains, judge-filtered")
+    spec: SpecSection = _f(SpecSection, "the spec the method reasons over (statutes, extensive code, precedents, categories) and how precedents are retrieved")
     judge: JudgeSection = _f(JudgeSection, "settings of the llm / http judges named by generate.judge and eval.judge")
     eval: EvalSection = _f(EvalSection, "safety evaluation of the pipeline's models")
     pipeline: PipelineSection = _f(PipelineSection, "which stages `cada pipeline` runs")

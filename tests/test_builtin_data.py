@@ -113,7 +113,7 @@ GOOD = {"id": "1", "prompt": "p", "category": "benign", "label": "benign"}
         ({"label": "unsafe"}, "label", "use one of harmful, benign"),
         ({"category": "privacy"}, "category", "put a look-alike's hazard category in 'resembles'"),
         ({"label": "harmful"}, "category", "harmful prompt with category 'benign'"),
-        ({"resembles": "weapons"}, "resembles", "unknown hazard category"),
+        ({"resembles": "Weapons!"}, "resembles", "unknown hazard category"),
         ({"prompt": ""}, "prompt", "non-empty string"),
         ({"id": "1"}, "id", "duplicate id '1' (first on line 1)"),
         ({"lable": "benign"}, "lable", "unknown field"),
@@ -125,6 +125,29 @@ def test_prompt_file_errors_name_file_line_and_field(tmp_path, bad, field, fragm
         read_prompt_file(path)
     msg = str(err.value)
     assert str(path) in msg and "line 2" in msg and f"field '{field}'" in msg and fragment in msg
+
+
+def test_prompt_file_checks_categories_against_a_given_list(tmp_path):
+    harmful = {"id": "h", "prompt": "p", "category": "weapons", "label": "harmful"}
+    path = _write(tmp_path / "set.jsonl", [GOOD, {**GOOD, "id": "2", "resembles": "weapons"}, harmful])
+    assert len(read_prompt_file(path)) == 3  # well-formed names pass without a list (a user spec may add categories)
+    with pytest.raises(BuiltinDataError, match=r"line 2, field 'resembles': unknown hazard category 'weapons'; use one of violent_crimes"):
+        read_prompt_file(path, hazard_categories=HAZARD_CATEGORIES)
+    path = _write(tmp_path / "set.jsonl", [GOOD, harmful])
+    with pytest.raises(BuiltinDataError, match=r"line 2, field 'category': harmful prompt with category 'weapons'"):
+        read_prompt_file(path, hazard_categories=HAZARD_CATEGORIES)
+
+
+def test_builtin_data_does_not_import_the_spec():
+    import ast
+    import pathlib
+
+    import cada_jax.data.builtin as builtin
+
+    tree = ast.parse(pathlib.Path(builtin.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + \
+               [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("cada_jax.cada")], imported
 
 
 def test_prompt_file_expected_label_and_missing_file(tmp_path):

@@ -366,8 +366,10 @@ def test_retrieve_argument_checks(spec):
         retrieve("anything", spec.cases, k=-1)
     with pytest.raises(ValueError, match="unknown category 'weapons'"):
         retrieve("anything", spec.cases, category="weapons")
-    with pytest.raises(ValueError, match="lexical, embedding"):
+    with pytest.raises(ValueError, match="use one of bm25, embedding, hybrid"):
         retrieve("anything", spec.cases, method="tfidf")
+    with pytest.raises(ValueError, match="'lexical' is now called 'bm25'"):
+        retrieve("anything", spec.cases, method="lexical")
     with pytest.raises(ValueError, match="non-empty request"):
         retrieve("  ", spec.cases)
 

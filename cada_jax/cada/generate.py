@@ -19,7 +19,7 @@ from typing import Sequence
 
 from cada_jax.rewards.format import parse_output
 from cada_jax.cada.prompts import VARIANTS, build_messages, build_plain_messages
-from cada_jax.cada.spec import Spec, default_spec
+from cada_jax.cada.spec import Spec, default_spec, spec_digest
 from cada_jax.rewards.judges import make_judge, safety_reward
 from cada_jax.sampling import Sampler, SamplingParams
 
@@ -175,7 +175,7 @@ def generate_chains(
     # Each finished batch is appended to <out>.partial (with a header naming everything that
     # decides its content), so an interrupted run resumes at the first batch it had not finished.
     header = {"variant": variant, "n": n, "k": k, "reasoning": reasoning, "scaffold": scaffold, "fallback": fallback,
-              "cite_precedent": cite_precedent, "model": model_name, "batch_size": batch_size,
+              "cite_precedent": cite_precedent, "model": model_name, "batch_size": batch_size, "spec": spec_digest(spec),
               "min_chain_score": min_chain_score,
               "sampling": {key: (list(v) if isinstance(v, tuple) else v) for key, v in dataclasses.asdict(sp).items()},
               "judge": getattr(judge, "name", type(judge).__name__),
@@ -200,7 +200,12 @@ def generate_chains(
                 bar.update(len(chunk))
             continue
         before = (len(kept), {lab: list(v) for lab, v in stats.items()}, len(sample_pass), from_precedent)
-        conversations = [build_messages(r["prompt"], variant, spec=spec, k=k, category=r.get("category")) for r in chunk]
+        if variant == "cases" and spec.retrieval != "bm25":
+            warm = getattr(spec.embed_fn, "warm", None)  # embed the chunk's requests in one batch
+            if warm is not None:
+                warm([r["prompt"] for r in chunk])
+        conversations = [build_messages(r["prompt"], variant, spec=spec, k=k, category=_known_category(r, spec))
+                         for r in chunk]
         precedents = [None] * len(chunk)  # the case each record's chain reasons from (reasoning="template")
         if reasoning == "template":
             texts, lengths, precedents = _precedent_grounded(params, sampler, chunk, spec, k,
@@ -304,21 +309,28 @@ FALLBACKS = ("none", "precedent")
 REASONING_SOURCES = ("model", "template")
 
 
-def _fitting_case(record: dict, cases, k: int, *, need_answer: bool = False):
+def _fitting_case(record: dict, spec: Spec, k: int, *, need_answer: bool = False):
     """The first case, in retrieval order, whose verdict fits the record's label (refuse for
     harmful, comply / safe completion for benign): among the k shown first, else among all."""
-    from cada_jax.cada.spec import CATEGORIES, retrieve
+    from cada_jax.cada.retrieval import retrieve_for
 
     want_refuse = record["label"] == "harmful"
+    cases = spec.cases
     fits = [c for c in cases if (c.verdict == "refuse") == want_refuse and (c.answer or not need_answer)]
     if not fits:
         return None
-    category = record.get("category") if record.get("category") in CATEGORIES else None
-    shown = retrieve(record["prompt"], list(cases), k=k, category=category)
+    category = _known_category(record, spec)
+    shown = retrieve_for(spec, record["prompt"], k, category=category)
     for c in shown:
         if c in fits:
             return c
-    return retrieve(record["prompt"], fits, k=1, category=category)[0]
+    return retrieve_for(spec, record["prompt"], 1, category=category, cases=fits)[0]
+
+
+def _known_category(record: dict, spec: Spec) -> str | None:
+    """The record's category when the spec knows it; else None (the spec's categoriser guesses)."""
+    category = record.get("category")
+    return category if category in spec.categories.names else None
 
 
 def _opening(case) -> str:
@@ -328,7 +340,7 @@ def _opening(case) -> str:
 
 def precedent_opening(record: dict, spec: Spec, k: int = 3) -> str:
     """The reasoning's first sentence under `cite_precedent`: the closest fitting precedent."""
-    case = _fitting_case(record, spec.cases, k)
+    case = _fitting_case(record, spec, k)
     return _opening(case) if case is not None else ""
 
 
@@ -341,7 +353,7 @@ def precedent_chain(record: dict, spec: Spec, judge, k: int = 3, *, cite: bool =
     """
     if record.get("label") != "harmful":
         return None
-    case = _fitting_case(record, spec.cases, k, need_answer=True)
+    case = _fitting_case(record, spec, k, need_answer=True)
     if case is None:
         return None
     category = record.get("category")
@@ -393,13 +405,14 @@ def _precedent_reasoning(case, cite: bool) -> str:
 
 
 def _lookalike_case(record: dict, cases):
-    """The comply case most similar to a look-alike request (lexical), or None when none shares a word."""
-    from cada_jax.cada.spec import similarity_scores
+    """The comply case most similar to a look-alike request (BM25, whatever the spec's retrieval
+    method: a score of 0 means no shared word), or None when none shares a word."""
+    from cada_jax.cada.retrieval import bm25_scores
 
     fits = [c for c in cases if c.verdict == "comply"]
     if not fits:
         return None
-    sims = [round(float(x), 9) for x in similarity_scores(record["prompt"], fits)]
+    sims = [round(float(x), 9) for x in bm25_scores(record["prompt"], [c.request for c in fits])]
     best = min(range(len(fits)), key=lambda i: (-sims[i], fits[i].id))
     return fits[best] if sims[best] > 0 else None
 
@@ -415,7 +428,7 @@ def _precedent_grounded(params, sampler: Sampler, records, spec: Spec, k: int, s
     sampled answer's tokens; 0 for a precedent's answer) and each record's precedent id (None when
     no case fits; its texts are empty)."""
     n = sp.n
-    cases = [_fitting_case(r, spec.cases, k, need_answer=True) if r["label"] == "harmful"
+    cases = [_fitting_case(r, spec, k, need_answer=True) if r["label"] == "harmful"
              else (_lookalike_case(r, spec.cases) if r.get("resembles") else None) for r in records]
     asked = [i for i, r in enumerate(records) if r["label"] == "benign"]
     answers = {}

@@ -10,6 +10,7 @@
       rl/final/                   the RL policy (HF directory); rl/metrics.jsonl
       final/                      the last trained model (HF directory)
       eval/after/                 summary.json + results.jsonl of the final model
+      cache/spec_embeddings/      precedent embeddings (spec.retrieval embedding / hybrid), reused on rerun
       report.md, report.html      tables, curves, examples
 
 Every stage writes its outputs atomically and records itself in pipeline_state.json only once
@@ -104,10 +105,10 @@ class _Model:
 
 
 def pipeline_spec(cfg: Config):
-    """The spec the run reasons over (the shipped one)."""
-    from cada_jax.cada.spec import default_spec
+    """The spec the run reasons over (`spec.dir`; its retrieval settings are not needed here)."""
+    from cada_jax.cada.spec import load_spec_dir
 
-    return default_spec()
+    return load_spec_dir(cfg.spec.dir or None)
 
 
 def check_judges(cfg: Config) -> None:
@@ -244,6 +245,10 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     from cada_jax.checkpoints.gguf_import import resolve_model
 
     check_judges(cfg)
+    if "generate" in cfg.pipeline.stages:
+        from cada_jax.cada.spec_config import check_spec_section
+
+        check_spec_section(cfg.spec)  # a bad spec directory fails before any model loads
     os.makedirs(run_dir, exist_ok=True)
     state = _read_state(run_dir)
     _check_rerun(cfg, run_dir, state)
@@ -280,6 +285,7 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     requests = None
     if "generate" in stages and "generate" not in done:
         from cada_jax.cada.generate import generate_chains
+        from cada_jax.cada.spec_config import configured_spec
         from cada_jax.sampling import SamplingParams
 
         g = cfg.generate
@@ -291,11 +297,13 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
             _log(f"self-generating chains ({g.variant}) for {len(requests)} requests, {g.n} samples each")
         m = model(base_dir)
         sp = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed)
-        summary = generate_chains(m.params, m.sampler, requests, variant=g.variant, n=g.n, sampling=sp,
+        spec = configured_spec(cfg.spec, stage_model=(m.params, m.cfg, m.tokenizer, m.dir),
+                               cache_dir=os.path.join(run_dir, "cache", "spec_embeddings"), dtype=cfg.model.dtype)
+        summary = generate_chains(m.params, m.sampler, requests, variant=g.variant, n=g.n, sampling=sp, spec=spec,
                                   judge=judge_from_config(cfg, g.judge, m.dir), k=g.k_cases, batch_size=g.batch_size, out_path=chains,
                                   model_name=m.dir, progress=cfg.run.progress, scaffold=g.scaffold,
                                   fallback=g.fallback, cite_precedent=g.cite_precedent, reasoning=g.reasoning,
-                                  min_chain_score=g.min_chain_score, spec=pipeline_spec(cfg))
+                                  min_chain_score=g.min_chain_score)
         m.sampler.release_weights()
         summary.pop("records")
         atomic_write_json(os.path.join(run_dir, "generate", "stats.json"), summary)

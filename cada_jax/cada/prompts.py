@@ -20,16 +20,9 @@ deliberately long (about 1,800 words): that length is what the `code` ablation i
 
 from __future__ import annotations
 
+from cada_jax.cada.retrieval import retrieve_for
+from cada_jax.cada.spec import Spec, default_spec, render_case, render_code, render_statutes
 from cada_jax.rewards.format import FORMAT_INSTRUCTIONS
-from cada_jax.cada.spec import (
-    CATEGORIES,
-    Spec,
-    default_spec,
-    render_case,
-    render_code,
-    render_statutes,
-    retrieve,
-)
 
 VARIANTS: tuple[str, ...] = ("none", "code", "simple", "cases")
 
@@ -79,11 +72,11 @@ def variant_context(request: str, variant: str, *, spec: Spec | None = None, k: 
         return f"{statutes}\n\n{STATUTES_OUTRO}"
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"the cases variant needs k >= 1 precedents, got k={k!r}")
-    if category is not None and category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r}; use one of {', '.join(CATEGORIES)} or None")
+    if category is not None:
+        spec.categories.check(category)
     if not spec.cases:
         raise ValueError("the cases variant needs precedents, but the spec has none; load a precedents file")
-    cases = retrieve(request, spec.cases, k=k, category=category)
+    cases = retrieve_for(spec, request, k, category=category)
     blocks = "\n\n".join(render_case(c) for c in cases)
     return f"{statutes}\n\n{CASES_INTRO}\n\n{blocks}\n\n{CASES_OUTRO}"
 
@@ -99,9 +92,11 @@ def build_messages(request: str, variant: str, *, spec: Spec | None = None, k: i
                    category: str | None = None, system_prompt: str | None = None) -> list[dict]:
     """Chat messages (`role`/`content` dicts) for one request under one variant.
 
-    spec: the statutes / code / precedents to show (default: the built-in spec).
+    spec: the statutes / code / precedents to show, and how precedents are retrieved (its
+        categories, `retrieval` method and `embed_fn`); default: the built-in spec with BM25.
     k: how many precedents the `cases` variant shows.
-    category: the request's hazard category if known (steers precedent retrieval); else guessed.
+    category: the request's category if known (one of the spec's categories; steers precedent
+        retrieval); else guessed by the spec's keyword categoriser.
     system_prompt: text placed before the guidance in the system message (e.g. a persona).
     """
     context = variant_context(request, variant, spec=spec, k=k, category=category)

@@ -19,6 +19,8 @@ from cada_jax.commands.eval import (
     judge_from_args,
     records_from_args,
     sampling_from_args,
+    spec_from_args,
+    spec_section_from_args,
 )
 
 
@@ -45,13 +47,15 @@ def cmd_ablate(args) -> int:
     sp = sampling_from_args(args)
     check_judge_args(args)
     trained = _trained(args.trained)
+    # the prompted model embeds for embedding/hybrid retrieval unless --embedder names another (loaded when first needed)
+    spec = spec_from_args(spec_section_from_args(args), stage_model_path=args.model, dtype=args.dtype)
     records = records_from_args(args, allow_prompts=False)
     out = Path(args.out) if args.out else default_out("ablate", args)
     judge = judge_from_args(args, batch_size=args.batch_size)
     try:
         result = ablate(
             args.model, variants, args.limit, trained, attacks=attacks, records=records, judge=judge, sampling=sp,
-            batch_size=args.batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype, k=args.k,
+            batch_size=args.batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype, k=args.k, spec=spec,
             attack_benign=args.attack_benign, out_dir=out, seed=args.seed, progress=not args.quiet,
         )
     finally:

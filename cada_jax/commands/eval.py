@@ -45,6 +45,11 @@ def add_eval_args(p: argparse.ArgumentParser, *, variant: bool = True) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--k", type=int, default=3, help="precedents shown by the cases variant")
+    p.add_argument("--spec-dir", default="", help="spec directory (statutes.yaml, extensive_code.yaml, precedents.jsonl, "
+                                                  "categories.yaml) shown by the code/simple/cases variants; default: the shipped one")
+    p.add_argument("--retrieval", default="bm25", help="how the cases variant ranks precedents: bm25 (default) | embedding | hybrid")
+    p.add_argument("--embedder", default="", help="embedding/hybrid: model directory or 'smollm2-135m-instruct' whose "
+                                                  "hidden states embed texts (default: the evaluated model)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -126,6 +131,29 @@ def judge_from_args(args, *, batch_size: int):
     return make_judge(args.judge)
 
 
+def spec_section_from_args(args):
+    """The `spec` config section named by --spec-dir / --retrieval / --embedder, checked (the spec
+    files are loaded) before any model is."""
+    import dataclasses
+
+    from cada_jax.cada.spec_config import check_spec_section
+    from cada_jax.config import ConfigError, SpecSection
+
+    if args.retrieval not in ("bm25", "embedding", "hybrid"):
+        raise ConfigError(f"--retrieval {args.retrieval!r}: use bm25, embedding or hybrid")
+    section = dataclasses.replace(SpecSection(), dir=args.spec_dir, retrieval=args.retrieval, embedder=args.embedder)
+    check_spec_section(section)
+    return section
+
+
+def spec_from_args(section, *, stage_model=None, stage_model_path=None, dtype=None):
+    """The spec to prompt with; precedent embeddings are cached in the user's cache folder."""
+    from cada_jax.cada.spec_config import configured_spec, default_cache_dir
+
+    return configured_spec(section, stage_model=stage_model, stage_model_path=stage_model_path,
+                           cache_dir=default_cache_dir(), dtype=dtype)
+
+
 def default_out(kind: str, args) -> Path:
     name = Path(str(args.model).rstrip("/")).name or "model"
     return Path("runs") / f"{kind}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -142,14 +170,22 @@ def cmd_eval(args) -> int:
     attacks = attacks_from_args(args)
     sp = sampling_from_args(args)
     check_judge_args(args)
+    section = spec_section_from_args(args)
     records = records_from_args(args)
     out = Path(args.out) if args.out else default_out("eval", args)
 
-    _, params, cfg, tok = load_model(args.model, args.dtype)
+    model_dir, params, cfg, tok = load_model(args.model, args.dtype)
+    spec = spec_from_args(section, stage_model=(params, cfg, tok, model_dir), dtype=args.dtype)
+    if args.variant == "cases" and spec.embed_fn is not None:
+        from cada_jax.eval.runner import build_items
+
+        # embed every (attacked) request in batches now, rather than one at a time while prompting
+        items = build_items(records, variant="none", attacks=attacks, attack_benign=args.attack_benign)
+        spec.embed_fn.warm([it.attacked_prompt for it in items])
     judge = judge_from_args(args, batch_size=args.batch_size)
     try:
         summary = evaluate(
-            params, cfg, tok, records, variant=args.variant, attacks=attacks, judge=judge, sampling=sp,
+            params, cfg, tok, records, variant=args.variant, attacks=attacks, judge=judge, sampling=sp, spec=spec,
             batch_size=args.batch_size, out_dir=out, attack_benign=args.attack_benign, k=args.k,
             max_seq_len=args.max_seq_len, tag=args.tag, model_name=args.model, seed=args.seed,
             progress=not args.quiet,

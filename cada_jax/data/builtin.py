@@ -10,20 +10,27 @@
 Records: `{"id", "prompt", "category", "label"}` (+ `resembles` for look-alikes); `category` is a
 hazard category for harmful prompts and `benign` otherwise; `label` is "harmful" or "benign". Train
 and test prompts are disjoint, and none repeats a precedent's request.
+
+The hazard categories are those of the shipped spec (cada_jax/cada/spec/categories.yaml). This
+layer sits below the spec, so a file read here is checked for well-formed category names (lowercase
+words joined by '_'), and `hazard_categories` narrows that to a given list;
+tests/test_builtin_data.py checks the shipped files against the shipped spec's categories.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-
-from cada_jax.cada.spec import BENIGN, HAZARD_CATEGORIES
+from typing import Sequence
 
 BUILTIN_DIR = Path(__file__).resolve().with_name("builtin")
 BUILTIN_SETS: tuple[str, ...] = ("harmful", "benign", "lookalike")
 SPLITS: tuple[str, ...] = ("train", "test")
 LABELS: tuple[str, ...] = ("harmful", "benign")
 
+BENIGN = "benign"  # the category of every benign record (as in the spec)
+_CATEGORY_NAME = re.compile(r"[a-z][a-z0-9_]*")  # how categories.yaml names a hazard category
 _REQUIRED = ("id", "prompt", "category", "label")
 _OPTIONAL = ("resembles",)
 
@@ -50,8 +57,20 @@ def _expected_label(name: str) -> str:
     return "harmful" if name == "harmful" else "benign"
 
 
-def read_prompt_file(path: str | Path, *, expected_label: str | None = None) -> list[dict]:
-    """Read and validate a prompt JSONL file in the built-in format (usable for your own files too)."""
+def _hazard_category(value: str, hazard_categories: Sequence[str] | None) -> bool:
+    if hazard_categories is not None:
+        return value in hazard_categories
+    return value != BENIGN and _CATEGORY_NAME.fullmatch(value) is not None
+
+
+def read_prompt_file(path: str | Path, *, expected_label: str | None = None,
+                     hazard_categories: Sequence[str] | None = None) -> list[dict]:
+    """Read and validate a prompt JSONL file in the built-in format (usable for your own files too).
+
+    `hazard_categories`: the categories a harmful record (or a look-alike's `resembles`) may name,
+    e.g. a spec's `categories.hazard`; None accepts any well-formed category name but `benign`."""
+    allowed = (f"use one of {', '.join(hazard_categories)}" if hazard_categories is not None
+               else "use a hazard category of the spec (lowercase words joined by '_', not 'benign')")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found; check the path")
@@ -93,15 +112,13 @@ def read_prompt_file(path: str | Path, *, expected_label: str | None = None) -> 
             raise _bad(path, lineno, "label", f"{label!r} in a file of {expected_label} prompts",
                        f"set it to {expected_label!r} or move the record to the right file")
         category = rec["category"]
-        if label == "harmful" and category not in HAZARD_CATEGORIES:
-            raise _bad(path, lineno, "category", f"harmful prompt with category {category!r}",
-                       f"use one of {', '.join(HAZARD_CATEGORIES)}")
+        if label == "harmful" and not _hazard_category(category, hazard_categories):
+            raise _bad(path, lineno, "category", f"harmful prompt with category {category!r}", allowed)
         if label == "benign" and category != BENIGN:
             raise _bad(path, lineno, "category", f"benign prompt with category {category!r}",
                        f"use {BENIGN!r} (put a look-alike's hazard category in 'resembles')")
-        if "resembles" in rec and rec["resembles"] not in HAZARD_CATEGORIES:
-            raise _bad(path, lineno, "resembles", f"unknown hazard category {rec['resembles']!r}",
-                       f"use one of {', '.join(HAZARD_CATEGORIES)}")
+        if "resembles" in rec and not (isinstance(rec["resembles"], str) and _hazard_category(rec["resembles"], hazard_categories)):
+            raise _bad(path, lineno, "resembles", f"unknown hazard category {rec['resembles']!r}", allowed)
         records.append(dict(rec))
     if not records:
         raise _bad(path, 1, None, "no records", "add one JSON object per line")

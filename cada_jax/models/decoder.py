@@ -244,7 +244,8 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv=None, index=0, last_only=False, rope=None):
+    def __call__(self, tokens_BT, positions_BT, mask_BTS, kv=None, index=0, last_only=False, rope=None,
+                 hidden_only=False):
         cfg = self.cfg
         dt = _dt(cfg.dtype)
         embedding = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
@@ -267,6 +268,8 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg, cfg.hidden_size, name="final_norm")(x)
+        if hidden_only:
+            return x, kv
         head = None
         if not cfg.tie_word_embeddings:
             head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
@@ -623,7 +626,7 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype: str | None = Non
 
 
 def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | None = None, *, cfg: ModelConfig,
-            last_only: bool = False, rope=None, vocab_major: bool = False):
+            last_only: bool = False, rope=None, vocab_major: bool = False, hidden_only: bool = False):
     """Logits [B,T,V] (f32) for `tokens_BT` and the updated cache (None without one).
 
     `last_only=True` computes the logits of the last position only ([B,1,V]): a prefill needs no
@@ -641,6 +644,9 @@ def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | N
 
     `vocab_major=True` (per-layer params from `split_layers`, one token per row) returns the
     logits as [V, B] instead.
+
+    `hidden_only=True` (stacked params) returns the final-normed hidden states [B, T, D] in the
+    compute dtype instead of the logits (text embeddings, cada_jax.cada.embedding).
     """
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     positions_BT = jnp.asarray(positions_BT, jnp.int32)
@@ -650,13 +656,16 @@ def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | N
     model = Decoder(cfg)
     if vocab_major and not unrolled:
         raise ValueError("vocab_major logits need per-layer params (split_layers)")
+    if hidden_only and unrolled:
+        raise ValueError("hidden_only needs the stacked params (as loaded), not per-layer params from split_layers")
     if cache is None:
         causal_TS = jnp.tril(jnp.ones((T, T), bool))
         mask_BTS = causal_TS[None] & valid_BT[:, None, :]
         if unrolled:
             return _forward_unrolled(params, tokens_BT, positions_BT, mask_BTS, None, 0, cfg, last_only, rope,
                                      vocab_major)[0], None
-        logits, _ = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, last_only=last_only, rope=rope)
+        logits, _ = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, last_only=last_only, rope=rope,
+                                hidden_only=hidden_only)
         return logits, None
     index = cache["index"]
     S = cache["mask"].shape[1]
@@ -672,7 +681,7 @@ def forward(params, tokens_BT, positions_BT, attention_mask_BT, cache: Cache | N
                                            vocab_major)
     else:
         logits, (k, v) = model.apply({"params": params}, tokens_BT, positions_BT, mask_BTS, kv, index, last_only=last_only,
-                                     rope=rope)
+                                     rope=rope, hidden_only=hidden_only)
     return logits, {"k": k, "v": v, "mask": slot_mask_BS, "index": index + T}
 
 
