@@ -423,7 +423,8 @@ def plan(cfg, model_cfg, chip: Chip, *, num_devices: int | None = None, prompt_l
     t_all = time.perf_counter()
 
     def run(i: int, name: str, shapes_desc: str, jitted, args: tuple, kwargs: dict, resident: dict, tokens: int | None):
-        log(f"[{i}/{len(todo)}] {name} ({shapes_desc}): compiling ...")
+        tag = f"[{i}/{len(todo)}]" if i else "[for decode's input layout]"
+        log(f"{tag} {name} ({shapes_desc}): compiling ...")
         t0 = time.perf_counter()
         lowered = jitted.lower(*args, **kwargs)
         t1 = time.perf_counter()
@@ -451,7 +452,7 @@ def plan(cfg, model_cfg, chip: Chip, *, num_devices: int | None = None, prompt_l
             "compile_s": round(t2 - t1, 2),
         }
         results[name] = entry
-        log(f"[{i}/{len(todo)}] {name}: compiled in {t2 - t0:.1f} s (lower {t1 - t0:.1f} s); "
+        log(f"{tag} {name}: compiled in {t2 - t0:.1f} s (lower {t1 - t0:.1f} s); "
             f"peak {peak / GiB:.2f} GiB per device, {flops / 1e12:.3g} TFLOP per device")
         return compiled, entry
 
