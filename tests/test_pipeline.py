@@ -333,3 +333,31 @@ def test_rl_fresh_takes_the_next_requests_of_each_set():
     assert [r["label"] for r in fresh].count("harmful") == 6
     with pytest.raises(Exception, match="pipeline.rl_fresh.*generate.limit"):
         load_config(None, ["pipeline.rl_fresh=true"])
+
+
+def test_the_configured_judge_reaches_every_stage(tiny_long_dir, tmp_path, monkeypatch):
+    """generate's chain filter, the RL rewards and the eval all ask the configured http judge."""
+    from tests.judge_server import serve_judge
+
+    import cada_jax.cada.pipeline as pipeline
+
+    server = next(serve_judge(monkeypatch))
+    server.chain = 5  # the rule checks give a random model's chains 1: only the judge lets them pass
+    built = []
+    real = pipeline.judge_from_config
+    monkeypatch.setattr(pipeline, "judge_from_config", lambda cfg, name, *a, **k: built.append(name) or real(cfg, name, *a, **k))
+    try:
+        cfg = _cfg(tiny_long_dir, tmp_path, "generate.judge=http", "generate.min_chain_score=5", "rl.judge=http",
+                   "eval.judge=http", f"judge.url={server.url}", "judge.model=m", f"judge.cache_dir={tmp_path / 'cache'}")
+        run_pipeline(cfg)
+    finally:
+        server.close()
+    run = tmp_path / "e2e"
+    chains = [json.loads(l) for l in (run / "generate" / "chains.jsonl").read_text().splitlines()]
+    assert chains and all(c["scores"]["chain"] == 5.0 for c in chains)  # generate: the judge's chain rubric
+    metrics = [json.loads(l) for l in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["judge/http/calls"] >= 1 for m in metrics)  # RL: the rewards' verdicts
+    # eval (before, generate, after): the http judge is the one built; the tiny model's greedy answers
+    # are blank lines, which are no answer and never reach a judge
+    assert built == ["http", "http", "http"]
+    assert {"answer", "chain"} <= set(server.kinds)
