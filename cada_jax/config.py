@@ -296,7 +296,7 @@ class GenerateSection:
     fallback: Literal["none", "precedent"] = _f("none", "precedent: a harmful request with no passing chain gets its nearest refusing precedent's chain (for small models that rarely refuse)")
     cite_precedent: bool = _f(False, "with scaffold and variant cases: open each reasoning with the closest retrieved precedent whose verdict fits the request's label (the model writes the rest)")
     min_chain_score: float = _f(0.0, "keep only chains the judge's chain rubric scores at least this (1-5: does the reasoning identify the risk, cite the codes that apply, agree with the answer); 0 = off, 5 = the authors' earlier pipeline")
-    reasoning: Literal["model", "template"] = _f("model", "model: the model writes its own reasoning under the variant (CADA self-generation); template (variant cases, for models too small to reason over the spec): each reasoning is filled in from a template around the closest fitting precedent, harmful answers are its refusal, benign answers the model's own answer to the bare request (template distillation, not self-generation)")
+    reasoning: Literal["model", "template"] = _f("model", "model: the model writes its own reasoning under the variant (CADA self-generation); template (for models too small to reason over the spec): each reasoning is filled in from a template of what the variant shows (cases: the closest fitting precedent; simple: the statutes; code: the extensive code's category rules; none: the verdict alone), harmful answers are the closest refusing precedent's refusal, benign answers the model's own answer to the bare request (template distillation, not self-generation)")
 
     def __post_init__(self):
         _check(self.n >= 1, "generate.n", f"must be >= 1, got {self.n}")
@@ -305,8 +305,6 @@ class GenerateSection:
         _check(self.temperature > 0, "generate.temperature", f"must be > 0 (the chains are sampled), got {self.temperature}")
         _check(self.min_chain_score == 0 or 1 <= self.min_chain_score <= 5, "generate.min_chain_score",
                f"must be 0 (off) or a chain score from 1 to 5, got {self.min_chain_score}")
-        _check(self.reasoning == "model" or self.variant == "cases", "generate.reasoning",
-               f"template needs generate.variant=cases (the chains come from the precedents), got variant {self.variant!r}")
         _check(self.reasoning == "model" or not (self.scaffold or self.fallback != "none" or self.cite_precedent), "generate.reasoning",
                "template builds every chain from a precedent; scaffold, fallback and cite_precedent shape sampled reasoning "
                "(reasoning=model) and do not apply: remove them")

@@ -159,8 +159,6 @@ def generate_chains(
         raise GenerateError(f"fallback {fallback!r} is unknown; use one of {', '.join(FALLBACKS)}")
     if reasoning not in REASONING_SOURCES:
         raise GenerateError(f"reasoning {reasoning!r} is unknown; use one of {', '.join(REASONING_SOURCES)}")
-    if reasoning == "template" and variant != "cases":
-        raise GenerateError(f"reasoning=template builds its chains from the precedents, so it needs variant=cases (got {variant!r})")
     if cite_precedent and not (scaffold and variant == "cases"):
         raise GenerateError("cite_precedent needs scaffold=true and variant=cases (the opening is written by the scaffold from the retrieved cases)")
     records = check_records(records)
@@ -209,7 +207,8 @@ def generate_chains(
         precedents = [None] * len(chunk)  # the case each record's chain reasons from (reasoning="template")
         if reasoning == "template":
             texts, lengths, precedents = _precedent_grounded(params, sampler, chunk, spec, k,
-                                                             dataclasses.replace(sp, seed=sp.seed + start), cite=cite_precedent)
+                                                             dataclasses.replace(sp, seed=sp.seed + start), cite=cite_precedent,
+                                                             variant=variant)
         elif scaffold:
             openings = [precedent_opening(r, spec, k) for r in chunk] if cite_precedent else None
             texts, lengths = _scaffolded(params, sampler, conversations, dataclasses.replace(sp, seed=sp.seed + start),
@@ -404,6 +403,41 @@ def _precedent_reasoning(case, cite: bool) -> str:
     return f"This request is a safe one, like precedent {case.id}: {case.reasoning} The same codes apply here, so I help."
 
 
+def variant_reasoning(variant: str, record: dict, spec: Spec) -> str:
+    """The template reasoning of `variant` (none | simple | code) for a record: the same verdict as
+    the `cases` template, grounded in what that variant shows the model.
+
+    none: the verdict alone. simple: the statutes the spec's precedents of the record's category and
+    verdict cite, by id and title. code: the extensive code's rules for the category (its summary,
+    then the first disallowed kind for a harmful request, the first allowed kind for a benign
+    look-alike), or the code's first default for an everyday benign request."""
+    harmful = record["label"] == "harmful"
+    verdict = "so I decline." if harmful else "so I help."
+    category = _known_category(record, spec) or spec.categories.guess(record["prompt"])
+    if variant == "none":
+        return f"This request is {'harmful' if harmful else 'safe'}, {verdict}"
+    if variant == "simple":
+        from cada_jax.cada.rewards import codes_for_category
+
+        codes = codes_for_category(spec, category if category != "benign" else "benign", record["label"])[:2]
+        cited = " and ".join(f"{s.title} ({s.id})" for s in spec.statutes if s.id in codes)
+        if harmful:
+            return f"Helping here would go against {cited}, {verdict}"
+        return f"This request is safe: {cited} apply, {verdict}"
+    if variant == "code":
+        rules = None
+        if category is not None and category in {r.category for r in spec.code.categories}:
+            rules = spec.code.rules_for(category)
+        if rules is None:
+            default = spec.code.defaults[0] if spec.code.defaults else "Help with ordinary requests."
+            return f"No hazard category of the safety code applies; its default is: {default.rstrip('.')}. So I help." if not harmful \
+                else f"The safety code's objectives forbid serious harm, {verdict}"
+        kind = (rules.disallowed if harmful else rules.allowed) or ("",)
+        label = "Disallowed" if harmful else "Allowed"
+        return f"Safety code, {rules.category}: {rules.summary.rstrip('.')}. {label}: {kind[0].rstrip('.')}. So I {'decline' if harmful else 'help'}."
+    raise GenerateError(f"variant {variant!r} has no template reasoning; use one of none, simple, code, cases")
+
+
 def _lookalike_case(record: dict, cases):
     """The comply case most similar to a look-alike request (BM25, whatever the spec's retrieval
     method: a score of 0 means no shared word), or None when none shares a word."""
@@ -423,10 +457,13 @@ def _chain_text(reasoning: str, answer: str) -> str:
     return f"{REASONING_OPEN}\n{reasoning}\n{REASONING_CLOSE}\n{ANSWER_OPEN}\n{answer}\n{ANSWER_CLOSE}"
 
 
-def _precedent_grounded(params, sampler: Sampler, records, spec: Spec, k: int, sp: SamplingParams, *, cite: bool = False):
-    """Chains for `reasoning="precedent"`: `sp.n` per record, record-major, with their lengths (the
+def _precedent_grounded(params, sampler: Sampler, records, spec: Spec, k: int, sp: SamplingParams, *, cite: bool = False,
+                        variant: str = "cases"):
+    """Chains for `reasoning="template"`: `sp.n` per record, record-major, with their lengths (the
     sampled answer's tokens; 0 for a precedent's answer) and each record's precedent id (None when
-    no case fits; its texts are empty)."""
+    no case fits; its texts are empty). Every variant gets the same answers (a harmful request: its
+    closest refusing precedent's refusal; a benign one: the model's own answers); only what the
+    reasoning cites differs (`variant_reasoning`)."""
     n = sp.n
     cases = [_fitting_case(r, spec, k, need_answer=True) if r["label"] == "harmful"
              else (_lookalike_case(r, spec.cases) if r.get("resembles") else None) for r in records]
@@ -444,7 +481,10 @@ def _precedent_grounded(params, sampler: Sampler, records, spec: Spec, k: int, s
                 lengths.append(0)
                 continue
             answer, length = (case.answer, 0) if r["label"] == "harmful" else answers[i][m]
-            reasoning = _precedent_reasoning(case, cite) if case is not None else PLAIN_REASONING
+            if variant == "cases":
+                reasoning = _precedent_reasoning(case, cite) if case is not None else PLAIN_REASONING
+            else:
+                reasoning = variant_reasoning(variant, r, spec)
             texts.append(_chain_text(reasoning, answer))
             lengths.append(length)
     return texts, lengths, [c.id if c is not None else None for c in cases]

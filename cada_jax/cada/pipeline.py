@@ -38,6 +38,7 @@ class PipelineError(ValueError):
 
 
 STATE_FILE = "pipeline_state.json"
+TEMPLATE_SOURCE = {"cases": "precedent", "simple": "statute", "code": "extensive-code", "none": "verdict-only"}
 
 # The RL stage's rewards when rl.rewards is empty: safety and format, the chain rubric (the reasoning
 # states the right verdict, cites a code that applies, agrees with the answer, carries nothing
@@ -298,7 +299,7 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
         g = cfg.generate
         requests = training_requests(cfg)
         if g.reasoning == "template":
-            _log(f"template distillation: reasoning from precedent templates, the model's own benign answers "
+            _log(f"template distillation ({g.variant}): reasoning from {TEMPLATE_SOURCE[g.variant]} templates, the model's own benign answers "
                  f"({g.n} samples each), for {len(requests)} requests")
         else:
             _log(f"self-generating chains ({g.variant}) for {len(requests)} requests, {g.n} samples each")

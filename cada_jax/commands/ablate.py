@@ -2,6 +2,10 @@
 
     cada ablate --model smollm2-135m-instruct --limit 10 --attack none --attack role_play
     cada ablate --model M --trained cada=runs/pipeline-1 --trained da=runs/pipeline-2 --out runs/abl
+    cada ablate --train configs/ablation_cpu.yaml [--set key=value ...] [--variants none cases]
+
+With --train, each variant is trained (generate -> SFT -> RL -> eval) from the config, in
+<out>/<variant>/, and the trained variants are compared with paired tests (`cada.reproduce`).
 
 Writes <out>/<run>/{results.jsonl,summary.json}, <out>/ablation.json, report.md and report.html;
 prints the table.
@@ -36,9 +40,26 @@ def _trained(specs) -> dict[str, str]:
     return out
 
 
+def cmd_ablate_train(args) -> int:
+    from cada_jax.cada.reproduce import train_ablation
+    from cada_jax.config import load_config
+
+    cfg = load_config(args.train, list(args.set or []))
+    result = train_ablation(cfg, args.variants, out_dir=args.out, verbose=not args.quiet)
+    for p in result["files"].values():
+        print(f"wrote {p}")
+    print(f"{result['seconds']['total']:.0f} s in all ({', '.join(f'{v} {t:.0f} s' for v, t in result['seconds'].items() if v != 'total')})")
+    return 0
+
+
 def cmd_ablate(args) -> int:
     from cada_jax.eval.ablation import DEFAULT_ABLATION_ATTACKS, ablate
     from cada_jax.eval.runner import check_variant
+
+    if args.train:
+        return cmd_ablate_train(args)
+    if args.set:
+        raise ValueError("--set overrides a --train config; without --train, use the eval options")
 
     variants = tuple(args.variants)
     for v in variants:
@@ -77,5 +98,9 @@ def register(subparsers) -> None:
                    help="prompt variants to compare (default: all four)")
     p.add_argument("--trained", action="append", default=[], metavar="NAME=DIR",
                    help="a trained model (pipeline run dir or exported HF dir), evaluated with the plain prompt (repeatable)")
-    p.add_argument("--out", default=None, help="output folder (default runs/ablate-<model>-<time>)")
+    p.add_argument("--out", default=None, help="output folder (default runs/ablate-<model>-<time>; with --train <run.out_dir>/<run.name>-ablation)")
+    p.add_argument("--train", default=None, metavar="CONFIG",
+                   help="train each variant from this pipeline config (generate -> SFT -> RL -> eval) and compare the trained models")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --train: a config override (repeatable), e.g. --set rl.steps=4")
     p.set_defaults(fn=cmd_ablate)

@@ -20,6 +20,7 @@ __all__ = [
     "gsm8k_correct",
     "gsm8k_extract",
     "harmful_compliance_rate",
+    "mcnemar_exact",
     "mmlu_correct",
     "mmlu_extract",
     "over_refusal_rate",
@@ -281,3 +282,27 @@ def summarize(
             "n": int(arr.size),
         }
     return out
+
+
+def mcnemar_exact(a: Iterable[bool], b: Iterable[bool]) -> dict[str, Any]:
+    """Exact McNemar test of paired 0/1 outcomes (the same prompts under two models).
+
+    Only the discordant pairs count: `a_only` (a is 1, b is 0) and `b_only`. Under the null both are
+    equally likely, so the two-sided p-value is min(1, 2 * P[X <= min(a_only, b_only)]) for
+    X ~ Binomial(a_only + b_only, 1/2); 1.0 with no discordant pair. Returns {"n", "a_only",
+    "b_only", "diff" (mean(a) - mean(b)), "p_value"}.
+    """
+    x = _as_array(a, "mcnemar_exact").astype(bool)
+    y = _as_array(b, "mcnemar_exact").astype(bool)
+    if x.shape != y.shape:
+        raise ValueError(f"mcnemar_exact: {x.size} outcomes against {y.size}; pair the same prompts")
+    a_only = int(np.sum(x & ~y))
+    b_only = int(np.sum(~x & y))
+    n = a_only + b_only
+    if n == 0:
+        p = 1.0
+    else:
+        k = min(a_only, b_only)
+        p = min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
+    diff = float(x.mean() - y.mean()) if x.size else float("nan")
+    return {"n": int(x.size), "a_only": a_only, "b_only": b_only, "diff": _json_float(diff), "p_value": p}
