@@ -240,7 +240,7 @@ class RLSection:
     advantage_ddof: int = _f(0, "grpo advantage: 0 = population std, 1 = unbiased std (as TRL)")
     dynamic_sampling: bool = _f(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and refill from more prompts")
     max_extra_rounds: int = _f(3, "dynamic sampling: extra sampling rounds per step at most; still short, the batch is topped up with zero-advantage groups")
-    rewards: tuple[RewardSpec, ...] = _f((), "reward functions and weights, e.g. [{name: target_token_share, weight: 1.0}]")
+    rewards: tuple[RewardSpec, ...] = _f((), "reward functions, weights and (optional) judges, e.g. [{name: cada_safety, weight: 1.0, judge: http}]; empty in the pipeline = cada_safety 1.0, cada_format 0.5, cada_chain 0.5, cada_helpful 0.5")
     judge: str = _f("rule", "judge that scores the judge-based rewards (cada_safety, cada_chain, cada_helpful, ...): rule | llm | http (settings in the judge section); a reward entry's own judge wins")
     reward_module: str = _f("", "module (dotted name or .py file) imported first, so its @register_reward functions can be named in rl.rewards")
     eval_data: str = _f("", "JSONL of held-out prompt records for greedy evaluation; empty = none")
