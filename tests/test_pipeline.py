@@ -229,6 +229,25 @@ def test_headline_counts_missing_answers(tmp_path):
     assert "no final answer" in table and "50.0%" in table
 
 
+def test_headline_reports_coherence():
+    """Distinct first sentences and mean answer length, by hand: a collapsed policy shows."""
+    import tempfile
+
+    same = "<reasoning>\nThis request is a safe one. It is fine (C2).\n</reasoning>\n<answer>\n{}\n</answer>"
+    rows = [{"label": "benign", "source": "builtin:benign", "attack": "none", "refused": False, "well_formed": True,
+             "completion": same.format(a), "answer": a} for a in ("Paris.", "Use kill -9 on it.", "Two cups of flour.")]
+    rows.append({"label": "harmful", "source": "builtin:harmful", "attack": "none", "refused": True, "well_formed": True,
+                 "completion": "<reasoning>\nIt names a target (C4). So I decline.\n</reasoning>\n<answer>\nNo.\n</answer>",
+                 "answer": "No."})
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "results.jsonl")
+        with open(path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        h = headline(path)
+    assert h["distinct_openings"] == 2 / 4  # "this request is a safe one." three times, one other
+    assert h["mean_answer_words"] == (1 + 5 + 4 + 1) / 4
+
+
 def test_cada_rewards_on_a_hand_checked_table():
     from cada_jax.cada.rewards import cada_format, cada_overrefusal, cada_safety
 

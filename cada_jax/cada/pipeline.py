@@ -175,6 +175,9 @@ def headline(results_path: str) -> dict:
         # a missing final answer is neither a refusal nor help: shown apart, so a model that rambles
         # until its token budget is visible
         "no_answer_rate": (sum(missing(r) for r in plain) / len(plain)) if plain else float("nan"),
+        # coherence: a policy that opens every completion with the same sentence has collapsed
+        "distinct_openings": _distinct_openings(plain),
+        "mean_answer_words": (sum(len(str(r.get("answer") or "").split()) for r in plain) / len(plain)) if plain else float("nan"),
         "n_harmful": len(harmful),
         "n_lookalike": len(look),
         "n_benign": len(benign),
@@ -185,17 +188,31 @@ def headline(results_path: str) -> dict:
     return out
 
 
+def _distinct_openings(rows) -> float:
+    """Share of distinct first sentences among the completions (tags removed, case folded)."""
+    import re
+
+    firsts = []
+    for r in rows:
+        text = re.sub(r"</?\s*(reasoning|answer)\s*>", " ", str(r.get("completion") or ""), flags=re.I).strip()
+        firsts.append(" ".join(re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].lower().split()))
+    return len(set(firsts)) / len(firsts) if firsts else float("nan")
+
+
 def before_after_table(before: dict | None, after: dict | None) -> str:
     from cada_jax.eval.report import format_table
 
-    cols = ["model", "harmful refusal", "look-alike compliance", "benign compliance", "format rate", "no final answer"]
+    cols = ["model", "harmful refusal", "look-alike compliance", "benign compliance", "format rate", "no final answer",
+            "distinct openings", "answer words"]
     better = {"harmful refusal": "up", "look-alike compliance": "up", "benign compliance": "up", "format rate": "up",
-              "no final answer": "down"}
-    keys = ("harmful_refusal", "lookalike_compliance", "benign_compliance", "format_rate", "no_answer_rate")
+              "no final answer": "down", "distinct openings": "up"}
+    keys = ("harmful_refusal", "lookalike_compliance", "benign_compliance", "format_rate", "no_answer_rate", "distinct_openings")
     rows = []
     for name, h in (("before", before), ("after", after)):
         if h:
-            rows.append([name] + [f"{100 * h[k]:.1f}%" if k in h else "n/a" for k in keys])
+            words = h.get("mean_answer_words")
+            rows.append([name] + [f"{100 * h[k]:.1f}%" if k in h else "n/a" for k in keys]
+                        + [f"{words:.0f}" if isinstance(words, (int, float)) and words == words else "n/a"])
     return format_table(cols, rows, better)
 
 
