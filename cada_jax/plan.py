@@ -358,7 +358,7 @@ def plan(cfg, model_cfg, chip: Chip, *, num_devices: int | None = None, prompt_l
     import jax.numpy as jnp
 
     from cada_jax.models.decoder import param_shapes
-    from cada_jax.rl import grpo, placement, sft
+    from cada_jax.training import grpo, placement, sft
     from cada_jax.sampling import Sampler, _start_state
     from cada_jax.sharding import MeshConfig, mesh_from_config, param_shardings
     from cada_jax.tokenizer import bucket, length_bucket

@@ -47,7 +47,7 @@ def main(root: str) -> dict:
 
     from cada_jax.cli import main as cli_main
     from cada_jax.config import dump_yaml, load_config
-    from cada_jax.rl.grpo import SIGTERM_ENV, train_grpo
+    from cada_jax.training.grpo import SIGTERM_ENV, train_grpo
     from cada_jax.sharding import data_shard, mesh_from_config
     from tests.mesh_worker import tiny_model_dir
     from tests.trainer_worker import GRPO_RECORDS, grpo_overrides, metrics_rows, sft_overrides, sft_records

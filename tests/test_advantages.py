@@ -1,4 +1,4 @@
-"""Tests for cada_jax.rl.advantages against plain-loop numpy re-computations."""
+"""Tests for cada_jax.training.advantages against plain-loop numpy re-computations."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cada_jax.rl import advantages as A
-from cada_jax.rl.advantages import DynamicSampler, SamplerExhaustedError, group_has_signal
+from cada_jax.training import advantages as A
+from cada_jax.training.advantages import DynamicSampler, SamplerExhaustedError, group_has_signal
 
 REWARDS = np.array([1.0, 0.0, 0.5, 0.25, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.0, 1.5], dtype=np.float32)
 G = 4

@@ -13,7 +13,7 @@ import pytest
 
 from cada_jax.checkpoints.hf import load_params
 from cada_jax.config import ConfigError, dump_yaml, load_config
-from cada_jax.rl.grpo import (
+from cada_jax.training.grpo import (
     SIGTERM_ENV,
     TIMING_KEYS,
     GRPOTrainer,
@@ -22,7 +22,7 @@ from cada_jax.rl.grpo import (
     completion_logprobs,
     train_grpo,
 )
-from cada_jax.rl.rewards import RewardError, RewardSet, get_reward, register_reward
+from cada_jax.rewards.functions import RewardError, RewardSet, get_reward, register_reward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = 13  # a byte token the tiny random model samples ~4% of the time at the start
@@ -64,7 +64,7 @@ def test_reward_set_sums_weights_and_passes_columns():
     np.testing.assert_allclose(total, [0.5 * 2 + 2 * 0.5 - 0.02, 0.5 * 4 + 2 * 0.75 - 0.04, 0.0])
     assert means == pytest.approx({"only_named": 2.0, "target_token_share": 1.25 / 3, "length_penalty": -0.02})
     assert seen["answer"] == ["x", "x", "y"]
-    assert get_reward("cada_jax.rl.rewards:length_penalty") is get_reward("length_penalty")
+    assert get_reward("cada_jax.rewards.functions:length_penalty") is get_reward("length_penalty")
 
 
 def test_reward_errors_name_the_function():
@@ -276,7 +276,7 @@ def test_bad_input_errors(tiny_model_dir, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
-SUBPROCESS = ("import json, sys; from cada_jax.config import load_config; from cada_jax.rl.grpo import train_grpo; "
+SUBPROCESS = ("import json, sys; from cada_jax.config import load_config; from cada_jax.training.grpo import train_grpo; "
               "recs = [json.loads(x) for x in open(sys.argv[2])]; "
               "print('SUMMARY ' + json.dumps(train_grpo(load_config(sys.argv[1]), recs)))")
 
@@ -392,7 +392,7 @@ def judged_config(model_dir, tmp_path, server, name, steps=1):
 
 def test_http_judge_verdicts_reach_the_advantages(tiny_model_dir, tmp_path, chain_server):
     from cada_jax.rewards.format import has_final_answer, parse_output
-    from cada_jax.rl.advantages import compute_advantages
+    from cada_jax.training.advantages import compute_advantages
 
     tr = GRPOTrainer(judged_config(tiny_model_dir, tmp_path, chain_server, "judged"), records=JUDGED)
     assert tr.reward_set.judge_names == {"cada_safety": "http", "cada_helpful": "http"}

@@ -32,7 +32,7 @@ return at the next step boundary; at the end the model (LoRA merged in) is writt
 directory to ``<run>/final``.
 
 Devices: the config's ``mesh`` section lays the run out over every device of every process
-(`cada_jax.rl.placement`): weights and LoRA base in their `param_shardings`, the train state in
+(`cada_jax.training.placement`): weights and LoRA base in their `param_shardings`, the train state in
 `train_state_shardings` (the update's ``out_shardings``), each batch split over data x fsdp. The
 default on one device is a 1x1x1 mesh: plain single-device jit. With several processes the grain
 pipeline is sharded: a process loads only the rows of its devices (`sharding.data_shard`; its
@@ -59,13 +59,13 @@ from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import Decoder
 from cada_jax.files import atomic_write_json, read_jsonl_objects, run_lock
-from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
-from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
-from cada_jax.rl.logging import MetricsLogger
-from cada_jax.rl.losses import token_logprobs
-from cada_jax.rl import placement
-from cada_jax.rl.lora import apply_lora, init_lora, merge_lora
-from cada_jax.rl.optim import make_optimizer, make_schedule, make_train_step
+from cada_jax.training.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
+from cada_jax.training.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
+from cada_jax.training.logging import MetricsLogger
+from cada_jax.training.losses import token_logprobs
+from cada_jax.training import placement
+from cada_jax.training.lora import apply_lora, init_lora, merge_lora
+from cada_jax.training.optim import make_optimizer, make_schedule, make_train_step
 from cada_jax.sharding import (
     data_shard,
     is_main_process,

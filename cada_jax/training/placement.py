@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import param_shapes
-from cada_jax.rl.optim import TrainState
+from cada_jax.training.optim import TrainState
 from cada_jax.sharding import (
     is_main_process,
     logical_shardings,
@@ -45,7 +45,7 @@ def trainable_shapes(model_cfg: ModelConfig, lora_cfg=None):
     """ShapeDtypeStructs of the trainable pytree: all parameters, or the LoRA adapters."""
     if lora_cfg is None:
         return param_shapes(model_cfg)
-    from cada_jax.rl.lora import lora_shapes
+    from cada_jax.training.lora import lora_shapes
 
     return lora_shapes(model_cfg, lora_cfg)
 
@@ -53,7 +53,7 @@ def trainable_shapes(model_cfg: ModelConfig, lora_cfg=None):
 def trainable_shardings(model_cfg: ModelConfig, mesh: Mesh, lora_cfg=None):
     if lora_cfg is None:
         return param_shardings(model_cfg, mesh)
-    from cada_jax.rl.lora import lora_logical_axes
+    from cada_jax.training.lora import lora_logical_axes
 
     return logical_shardings(lora_logical_axes(model_cfg, lora_cfg), mesh, model_cfg)
 

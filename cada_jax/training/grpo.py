@@ -7,7 +7,7 @@ One step (``GRPOTrainer.train_step``):
 2. **Rollout.** ``rl.group_size`` completions per prompt from `cada_jax.sampling.Sampler` (one
    prefill per prompt, shared by its group), with the behaviour log-probs of every sampled token.
    The sampling seed of step s, round r is drawn from ``fold_in(fold_in(sample_key, s), r)``.
-3. **Rewards.** A `cada_jax.rl.rewards.RewardSet` (TRL signature; record fields as columns).
+3. **Rewards.** A `cada_jax.rewards.functions.RewardSet` (TRL signature; record fields as columns).
 4. **Dynamic sampling** (``rl.dynamic_sampling``, DAPO): groups whose rewards are all equal carry
    no advantage; they are dropped and up to ``rl.max_extra_rounds`` more rounds of prompts are
    sampled to refill the batch. Still short after that, the batch is topped up with the latest
@@ -19,7 +19,7 @@ One step (``GRPOTrainer.train_step``):
 7. **Update.** ``rl.mu`` epochs over micro-batches of ``rl.minibatch_size`` rows, whole groups
    (groups shuffled with a key of the step when there is more than one micro-batch), each through
    one jitted, state-donating update
-   (`cada_jax.rl.optim.make_train_step`: AdamW + schedule + clipping, ``optim.grad_accum``
+   (`cada_jax.training.optim.make_train_step`: AdamW + schedule + clipping, ``optim.grad_accum``
    micro-batches per optimizer update, non-finite loss/gradient -> update skipped and counted).
    The policy log-probs are recomputed under the current params; the "old" log-probs are the
    sampler's behaviour log-probs (the policy that sampled, before this step's first update).
@@ -40,7 +40,7 @@ a resumed run continues bit for bit. Metrics per step go to ``<run>/metrics.json
 fields: `TIMING_KEYS`). At the end the policy (LoRA merged) is exported as a HF directory.
 
 Devices: the config's ``mesh`` section lays the run out over every device of every process
-(`cada_jax.rl.placement`): weights, the frozen reference and the LoRA base in their
+(`cada_jax.training.placement`): weights, the frozen reference and the LoRA base in their
 `param_shardings`, the trainable state and the optimizer state in `train_state_shardings` (the
 update's ``out_shardings``), the sampler's batch and KV cache and every update / reference
 micro-batch split over data x fsdp, the logits' vocabulary kept split over ``tensor``. The default
@@ -73,17 +73,17 @@ import numpy as np
 from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
 from cada_jax.models.config import ModelConfig
 from cada_jax.models import decoder as _decoder
-from cada_jax.rl import placement
-from cada_jax.rl.advantages import compute_advantages, get_advantage, group_has_signal
+from cada_jax.training import placement
+from cada_jax.training.advantages import compute_advantages, get_advantage, group_has_signal
 from cada_jax.files import atomic_write_json, read_jsonl_objects, run_lock
-from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
-from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
-from cada_jax.rl.logging import MetricsLogger
-from cada_jax.rl.losses import LossConfig, policy_loss, token_logprobs, token_logprobs_and_entropy
-from cada_jax.rl.lora import apply_lora, init_lora, merge_lora
-from cada_jax.rl.optim import make_optimizer, make_schedule, make_train_step
+from cada_jax.training.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
+from cada_jax.training.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
+from cada_jax.training.logging import MetricsLogger
+from cada_jax.training.losses import LossConfig, policy_loss, token_logprobs, token_logprobs_and_entropy
+from cada_jax.training.lora import apply_lora, init_lora, merge_lora
+from cada_jax.training.optim import make_optimizer, make_schedule, make_train_step
 from cada_jax.rewards.build import check_judge_config, judge_from_config
-from cada_jax.rl.rewards import RewardError, RewardSet, reward_set_from_config
+from cada_jax.rewards.functions import RewardError, RewardSet, reward_set_from_config
 from cada_jax.sharding import (
     fit_sharding,
     is_main_process,
@@ -379,7 +379,7 @@ class GRPOTrainer:
             check_judge_config(cfg.judge, reward_set.judge_names.values())
         self.reward_set = reward_set
         if not isinstance(self.reward_set, RewardSet):
-            raise TypeError(f"reward_set must be a cada_jax.rl.rewards.RewardSet, got {type(self.reward_set).__name__}")
+            raise TypeError(f"reward_set must be a cada_jax.rewards.functions.RewardSet, got {type(self.reward_set).__name__}")
 
         from cada_jax.checkpoints.gguf_import import resolve_model
         from cada_jax.models.config import load_config as load_model_config
