@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cada_jax.registry import Registry
+
 __all__ = [
     "register_advantage",
     "get_advantage",
@@ -39,43 +41,22 @@ __all__ = [
 ]
 
 AdvantageFn = Callable[..., jax.Array]
-_ADVANTAGES: dict[str, AdvantageFn] = {}
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator", decorator="register_advantage", listed="registered")
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
     """Decorator registering ``fn(rewards_B, group_size, **opts) -> adv_B`` as the estimator ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"advantage estimator name must be a non-empty string, got {name!r}")
-
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        if not callable(fn):
-            raise TypeError(f"register_advantage({name!r}) expects a callable, got {type(fn).__name__}")
-        existing = _ADVANTAGES.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(
-                f"advantage estimator {name!r} is already registered "
-                f"(by {existing.__module__}.{existing.__qualname__}); pick another name"
-            )
-        _ADVANTAGES[name] = fn
-        return fn
-
-    return deco
+    return ADVANTAGES.register(name)
 
 
 def available_advantages() -> tuple[str, ...]:
     """Names of the registered advantage estimators, sorted."""
-    return tuple(sorted(_ADVANTAGES))
+    return tuple(ADVANTAGES.names())
 
 
 def get_advantage(name: str) -> AdvantageFn:
     """The estimator registered as ``name``; a one-line error listing the registered ones otherwise."""
-    try:
-        return _ADVANTAGES[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; registered: {', '.join(available_advantages())} "
-            f"(add one with @register_advantage)"
-        ) from None
+    return ADVANTAGES.get(name)
 
 
 def compute_advantages(name: str, rewards_B: jax.Array, group_size: int, **opts: Any) -> jax.Array:
