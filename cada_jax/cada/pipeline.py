@@ -353,7 +353,7 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
         else:
             raw = requests if requests is not None else training_requests(cfg)
         raw = check_records(raw, cfg.pipeline.rl_data or cfg.generate.data or "built-in train sets")
-        from cada_jax.cada.rewards import codes_for_category, codes_text_for
+        from cada_jax.cada.rewards import codes_for_category, codes_text_for  # also registers cada_safety, ...
 
         spec = pipeline_spec(cfg)
         records = []
@@ -364,8 +364,6 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
         rl = cfg.rl
         if not rl.rewards:
             rl = dataclasses.replace(rl, rewards=DEFAULT_RL_REWARDS)
-        if not rl.reward_module:
-            rl = dataclasses.replace(rl, reward_module="cada_jax.cada.rewards")
         _log(f"RL (GRPO) from {current} on {len(records)} requests, {rl.steps} steps")
         loaded.clear()
         sub = dataclasses.replace(
