@@ -198,6 +198,21 @@ def test_dynamic_sampler_exhaustion_partial_mode():
     assert s2.ready(2) and s2.take(2) == []
 
 
+def test_dynamic_sampler_exhaustion_pad_mode():
+    s = DynamicSampler(max_rounds=1, on_exhausted="pad")
+    calls = 0
+    while not s.ready(3):
+        s.add(*_round(f"p{calls}", [[0, 1], [1, 1]]))
+        calls += 1
+    assert calls == 2
+    # the two groups with signal, then the latest flat group of the step
+    assert [g["id"] for g in s.take(3)] == ["p00", "p10", "p11"]
+    st = s.stats()
+    assert st["groups_padded"] == 1 and st["groups_dropped"] == 1 and st["partial_takes"] == 0
+    s.add(*_round("q", [[1, 1], [2, 2], [0, 1]]))
+    assert s.ready(1) and [g["id"] for g in s.take(1)] == ["q2"] and s.stats()["groups_padded"] == 1
+
+
 def test_dynamic_sampler_bad_config():
     with pytest.raises(ValueError, match="on_exhausted"):
         DynamicSampler(on_exhausted="retry")

@@ -13,15 +13,8 @@ import pytest
 
 from cada_jax.checkpoints.hf import load_params
 from cada_jax.config import ConfigError, dump_yaml, load_config
-from cada_jax.training.grpo import (
-    SIGTERM_ENV,
-    TIMING_KEYS,
-    GRPOTrainer,
-    RLDataError,
-    build_update_batch,
-    completion_logprobs,
-    train_grpo,
-)
+from cada_jax.training.grpo import TIMING_KEYS, GRPOTrainer, train_grpo
+from cada_jax.training.grpo_batch import RLDataError, build_update_batch, completion_logprobs
 from cada_jax.rewards.functions import RewardError, RewardSet, get_reward, register_reward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,8 +270,8 @@ def test_bad_input_errors(tiny_model_dir, tmp_path):
 
 
 SUBPROCESS = ("import json, sys; from cada_jax.config import load_config; from cada_jax.training.grpo import train_grpo; "
-              "recs = [json.loads(x) for x in open(sys.argv[2])]; "
-              "print('SUMMARY ' + json.dumps(train_grpo(load_config(sys.argv[1]), recs)))")
+              "from tests.trainer_worker import sigterm_after; recs = [json.loads(x) for x in open(sys.argv[2])]; "
+              "print('SUMMARY ' + json.dumps(train_grpo(load_config(sys.argv[1]), recs, hooks=[sigterm_after(3)])))")
 
 
 def test_sigterm_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
@@ -290,8 +283,7 @@ def test_sigterm_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
     yaml_b = dump_yaml(cfg_b, str(tmp_path / "resumed.yaml"))
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    env = dict(os.environ, **{SIGTERM_ENV: "3"})
-    proc = subprocess.run([sys.executable, "-c", SUBPROCESS, yaml_b, str(data)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", SUBPROCESS, yaml_b, str(data)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = json.loads(proc.stdout.split("SUMMARY ", 1)[1])

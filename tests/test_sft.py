@@ -17,7 +17,6 @@ from cada_jax.checkpoints.hf import load_params
 from cada_jax.config import load_config
 from cada_jax.models.decoder import forward_jit
 from cada_jax.training.sft import (
-    PAUSE_ENV,
     SFTDataError,
     collate,
     encode_records,
@@ -242,7 +241,8 @@ def test_lora_with_packing_trains_and_exports_merged(model_dir, tmp_path):
 
 
 SUBPROCESS = "import json, sys; from cada_jax.config import load_config; from cada_jax.training.sft import train_sft; " \
-             "print('SUMMARY ' + json.dumps(train_sft(load_config(sys.argv[1]))))"
+             "from tests.trainer_worker import pause_after; " \
+             "print('SUMMARY ' + json.dumps(train_sft(load_config(sys.argv[1]), hooks=[pause_after(3)])))"
 
 
 def test_sigterm_then_resume_is_bit_identical(model_dir, tmp_path):
@@ -258,8 +258,7 @@ def test_sigterm_then_resume_is_bit_identical(model_dir, tmp_path):
     yaml_b = dump_yaml(cfg_b, str(tmp_path / "resumed.yaml"))
     run_b = os.path.join(str(tmp_path), "resumed")
     marker = os.path.join(run_b, ".paused_at_step_3")
-    env = dict(os.environ, **{PAUSE_ENV: "3"})
-    proc = subprocess.Popen([sys.executable, "-c", SUBPROCESS, yaml_b], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", SUBPROCESS, yaml_b], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

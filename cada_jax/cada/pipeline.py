@@ -77,7 +77,7 @@ def training_requests(cfg: Config, *, fresh: bool = False) -> list[dict]:
     g = cfg.generate
     lo, hi = (g.limit, 2 * g.limit) if fresh else (0, g.limit or None)
     if g.data:
-        from cada_jax.training.grpo import read_prompt_records
+        from cada_jax.training.grpo_batch import read_prompt_records
 
         return read_prompt_records(g.data, key="generate.data")[lo:hi]
     rows = []
@@ -341,7 +341,8 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     if "rl" in stages and "rl" not in done:
         from cada_jax.cada.generate import check_records
         from cada_jax.cada.prompts import build_plain_messages
-        from cada_jax.training.grpo import read_prompt_records, train_grpo
+        from cada_jax.training.grpo import train_grpo
+        from cada_jax.training.grpo_batch import read_prompt_records
 
         if cfg.pipeline.rl_data:
             raw = read_prompt_records(cfg.pipeline.rl_data, key="pipeline.rl_data")

@@ -163,7 +163,9 @@ class DynamicSampler:
     One step may use the first sampling round plus ``max_rounds`` extra ones. When they are spent
     without ``target_groups`` groups with signal, ``on_exhausted="error"`` makes ``ready`` (and
     ``take``) raise ``SamplerExhaustedError``; ``"partial"`` makes ``ready`` return True and ``take``
-    return the groups it has (possibly none). Groups left over after ``take`` are discarded by
+    return the groups it has (possibly none); ``"pad"`` (what the GRPO trainer uses, so an update
+    keeps its static shape) makes ``take`` fill the batch with the latest flat groups of the step
+    (advantage 0: they add only the KL term), which then count as padded, not dropped. Groups left over after ``take`` are discarded by
     default (they were sampled by an older policy); ``keep_surplus=True`` carries them to the next
     step instead.
     """
@@ -177,8 +179,8 @@ class DynamicSampler:
     ) -> None:
         if isinstance(max_rounds, bool) or not isinstance(max_rounds, (int, np.integer)) or max_rounds < 0:
             raise ValueError(f"max_rounds (extra sampling rounds per step) must be an int >= 0, got {max_rounds!r}")
-        if on_exhausted not in ("error", "partial"):
-            raise ValueError(f"on_exhausted must be 'error' or 'partial', got {on_exhausted!r}")
+        if on_exhausted not in ("error", "partial", "pad"):
+            raise ValueError(f"on_exhausted must be 'error', 'partial' or 'pad', got {on_exhausted!r}")
         if tol < 0:
             raise ValueError(f"tol must be >= 0, got {tol!r}")
         self.max_rounds = int(max_rounds)
@@ -186,11 +188,13 @@ class DynamicSampler:
         self.tol = float(tol)
         self.keep_surplus = bool(keep_surplus)
         self._kept: list[Any] = []
+        self._flat: list[Any] = []  # this step's zero-signal groups, kept only for on_exhausted="pad"
         self.rounds = 0  # add() calls since the last take()
         self.total_rounds = 0
         self.groups_seen = 0
         self.groups_kept = 0
-        self.groups_dropped = 0  # zero-signal groups
+        self.groups_dropped = 0  # zero-signal groups (not used as padding)
+        self.groups_padded = 0  # zero-signal groups that filled a batch (on_exhausted="pad")
         self.surplus_dropped = 0  # groups with signal discarded by take() (keep_surplus=False)
         self.partial_takes = 0
 
@@ -234,6 +238,8 @@ class DynamicSampler:
             if group_has_signal(r, r.size, self.tol)[0]:
                 self._kept.append(group)
                 kept += 1
+            elif self.on_exhausted == "pad":
+                self._flat.append(group)
         self.rounds += 1
         self.total_rounds += 1
         self.groups_seen += len(groups)
@@ -281,6 +287,13 @@ class DynamicSampler:
             )
         out = self._kept[:target_groups]
         rest = self._kept[target_groups:]
+        short = target_groups - len(out)
+        if short and self._flat:
+            pad = self._flat[max(len(self._flat) - short, 0):]
+            out += pad
+            self.groups_padded += len(pad)
+            self.groups_dropped -= len(pad)
+        self._flat = []
         if len(out) < target_groups:
             self.partial_takes += 1
         if self.keep_surplus:
@@ -299,6 +312,7 @@ class DynamicSampler:
             "groups_seen": self.groups_seen,
             "groups_kept": self.groups_kept,
             "groups_dropped": self.groups_dropped,
+            "groups_padded": self.groups_padded,
             "surplus_dropped": self.surplus_dropped,
             "partial_takes": self.partial_takes,
             "buffered": len(self._kept),

@@ -8,10 +8,11 @@ One step (``GRPOTrainer.train_step``):
    prefill per prompt, shared by its group), with the behaviour log-probs of every sampled token.
    The sampling seed of step s, round r is drawn from ``fold_in(fold_in(sample_key, s), r)``.
 3. **Rewards.** A `cada_jax.rewards.functions.RewardSet` (TRL signature; record fields as columns).
-4. **Dynamic sampling** (``rl.dynamic_sampling``, DAPO): groups whose rewards are all equal carry
-   no advantage; they are dropped and up to ``rl.max_extra_rounds`` more rounds of prompts are
-   sampled to refill the batch. Still short after that, the batch is topped up with the latest
-   dropped groups (advantage 0: they add only the KL term), so the update keeps a static shape.
+4. **Dynamic sampling** (``rl.dynamic_sampling``, DAPO; `advantages.DynamicSampler`): groups
+   whose rewards are all equal carry no advantage; they are dropped and up to
+   ``rl.max_extra_rounds`` more rounds of prompts are sampled to refill the batch. Still short
+   after that, the batch is topped up with the latest dropped groups (advantage 0: they add only
+   the KL term), so the update keeps a static shape.
 5. **Advantages** from the registry (``rl.advantage``), per group.
 6. **Reference log-probs** when ``rl.beta > 0``: full fine-tuning keeps a frozen copy of the
    initial weights; with LoRA the reference is the base weights themselves with no adapters (no
@@ -24,15 +25,9 @@ One step (``GRPOTrainer.train_step``):
    The policy log-probs are recomputed under the current params; the "old" log-probs are the
    sampler's behaviour log-probs (the policy that sampled, before this step's first update).
 
-Update batch layout, with each prompt run once per group (as in sampling): the N = B / G prompts
-are left-padded to P slots, ``prompt_tokens_NP``; the B completions right-padded to C slots,
-``completion_tokens_BC``. The log-probs of a group's completions come from one scan over the
-layers that carries the prompts and the completions side by side (`decoder.grouped_logits`): in
-every layer a completion attends to its prompt's keys and to its own earlier tokens, and gradients
-flow back into the prompt rows. Against B full rows this saves (G - 1) / G of the prompt compute
-in the reference and the update. P and
-C are rounded up to `length_bucket`s (C capped at ``rl.max_new_tokens``), so jit compiles one
-program per (P, C) pair, and micro-batches hold whole groups.
+The update batch (each prompt run once per group), the loss and the compiled programs are in
+`cada_jax.training.grpo_batch`; the loop around the step (resume, checkpoints, metrics,
+preemption, export) is `cada_jax.training.loop`, which runs a `GRPOTrainer` as its task.
 
 Everything random derives from ``run.seed``; the checkpoint holds the train state (trainable
 params, optimizer state, micro-batch counter, key), the data-iterator position and the RL step, so
@@ -53,266 +48,49 @@ device work is split by the mesh; the reward functions (judges included) each sc
 share of the completions and the shares are gathered. Checkpoints are written collectively by
 orbax; process 0 alone writes metrics, the summary and the exported model.
 
-Public: `train_grpo(config, records=None, reward_set=None)`, `GRPOTrainer` (for pipelines that
-bring their own rewards and records), and the pure pieces `build_update_batch`,
-`completion_logprobs`, `grpo_loss`.
+Public: `train_grpo(config, records=None, reward_set=None, eval_records=None, hooks=())` and
+`GRPOTrainer` (for pipelines that bring their own rewards and records, or drive `train_step`).
 """
+
 
 from __future__ import annotations
 
-import functools
 import os
-import signal
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
-from cada_jax.models.config import ModelConfig
-from cada_jax.models import decoder as _decoder
-from cada_jax.training import placement
-from cada_jax.training.advantages import compute_advantages, get_advantage, group_has_signal
-from cada_jax.files import atomic_write_json, read_jsonl_objects, run_lock
-from cada_jax.training.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
-from cada_jax.training.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
-from cada_jax.training.logging import MetricsLogger
-from cada_jax.training.losses import LossConfig, policy_loss, token_logprobs, token_logprobs_and_entropy
-from cada_jax.training.lora import apply_lora, init_lora, merge_lora
-from cada_jax.training.optim import make_optimizer, make_schedule, make_train_step
+from cada_jax.config import Config, ConfigError, to_dict
 from cada_jax.rewards.build import check_judge_config, judge_from_config
 from cada_jax.rewards.functions import RewardError, RewardSet, reward_set_from_config
-from cada_jax.sharding import (
-    fit_sharding,
-    is_main_process,
-    mesh_from_config,
-    param_shardings,
-    place_rows,
-    replicated,
-    shard_params,
-    to_host,
-)
+from cada_jax.sharding import mesh_from_config, place_rows, to_host
 from cada_jax.tokenizer import length_bucket
+from cada_jax.training import placement
+from cada_jax.training.advantages import DynamicSampler, compute_advantages
+from cada_jax.training.checkpointing import Checkpointer, records_digest
+from cada_jax.training.data import make_iterator, prompt_dataset
+from cada_jax.training.grpo_batch import (
+    RLDataError,
+    advantage_options,
+    build_update_batch,
+    grpo_update,
+    loss_config,
+    prompt_text,
+    read_prompt_records,
+    record_prompt,
+    reference_logprob_fn,
+)
+from cada_jax.training.loop import Hook, Trainer, start_state
+from cada_jax.training.lora import merge_lora
+from cada_jax.training.optim import make_schedule, optimizer_for
 
-__all__ = [
-    "RLDataError",
-    "GRPOTrainer",
-    "train_grpo",
-    "read_prompt_records",
-    "build_update_batch",
-    "completion_logprobs",
-    "grpo_loss",
-    "loss_config",
-    "length_bucket",
-    "TIMING_KEYS",
-    "SIGTERM_ENV",
-]
-
-# Test-only hook: after this step (and its checkpoint) the trainer sends itself SIGTERM, which its
-# PreemptionGuard turns into "save and return" at the step boundary: a deterministic preemption.
-SIGTERM_ENV = "CADA_JAX_TEST_SIGTERM_AFTER_STEP"
+__all__ = ["GRPOTrainer", "train_grpo", "TIMING_KEYS"]
 
 # Wall-clock metrics: they differ between otherwise identical runs.
 TIMING_KEYS = ("sampling_s", "reward_s", "reference_s", "update_s", "step_s", "tokens_per_s", "eval_s")
-
-
-class RLDataError(ValueError):
-    """A prompt record or prompt set that cannot be used; the message names it and the fix."""
-
-
-# ----------------------------------------------------------------------------- records
-
-
-def read_prompt_records(path: str, *, key: str = "rl.data") -> list[dict]:
-    """JSON objects of a JSONL file of prompt records; a bad line is an error naming file:line."""
-    if not path:
-        raise ConfigError(f"{key} is empty: set {key}=path/to/prompts.jsonl (or pass records to train_grpo)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: prompt file not found ({key})")
-    return read_jsonl_objects(path, RLDataError, what="a prompt field")
-
-
-def _record_prompt(rec: Any, field: str, where: str):
-    """The validated prompt of a record: a non-empty string or a non-empty list of chat messages."""
-    if not isinstance(rec, dict):
-        raise RLDataError(f"{where}: expected an object with a '{field}' field, got {type(rec).__name__}")
-    if field not in rec:
-        raise RLDataError(f"{where}: missing field '{field}'; set rl.prompt_field to the prompt's field name")
-    value = rec[field]
-    if isinstance(value, str):
-        if not value.strip():
-            raise RLDataError(f"{where}: field '{field}' is empty; every record needs a prompt")
-        return value
-    if isinstance(value, list) and value:
-        for j, m in enumerate(value):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise RLDataError(f"{where}: {field}[{j}] must be an object with string 'role' and 'content'")
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise RLDataError(f"{where}: field '{field}' must be a non-empty string or a non-empty list of chat messages")
-
-
-def _prompt_text(prompt) -> str:
-    """What reward functions see as the prompt: the string, or the last user message's content."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m["role"] == "user"]
-    return users[-1] if users else prompt[-1]["content"]
-
-
-# ----------------------------------------------------------------------------- pure pieces
-
-
-def build_update_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                       behaviour_logp: Sequence[np.ndarray], advantages_B, *, group_size: int, pad_id: int,
-                       prompt_len: int, completion_len: int) -> dict:
-    """Host arrays of one update batch (see the module doc for the layout).
-
-    prompt_ids: one list per group; completion_ids / behaviour_logp: one per sample, sample i
-    belonging to group i // group_size. Returns prompt_tokens_NP / prompt_mask_NP [N, P] (int32,
-    left-padded), completion_tokens_BC / completion_mask_BC [B, C] (int32, right-padded),
-    old_logp_BC [B, C] and advantages_B [B] (float32).
-    """
-    N, B = len(prompt_ids), len(completion_ids)
-    if B != N * group_size:
-        raise ValueError(f"{B} completions for {N} prompts x group_size {group_size}")
-    P, C = int(prompt_len), int(completion_len)
-    ptok = np.full((N, P), int(pad_id), np.int32)
-    pmask = np.zeros((N, P), np.int32)
-    for n, p in enumerate(prompt_ids):
-        if not 0 < len(p) <= P:
-            raise ValueError(f"prompt {n} has {len(p)} tokens; it must have 1 to prompt_len={P}")
-        ptok[n, P - len(p):] = p
-        pmask[n, P - len(p):] = 1
-    ctok = np.full((B, C), int(pad_id), np.int32)
-    cmask = np.zeros((B, C), np.int32)
-    old = np.zeros((B, C), np.float32)
-    for i, c in enumerate(completion_ids):
-        if len(c) > C:
-            raise ValueError(f"completion {i} has {len(c)} tokens > completion_len {C}")
-        ctok[i, :len(c)] = c
-        cmask[i, :len(c)] = 1
-        old[i, :len(c)] = np.asarray(behaviour_logp[i], np.float32)[:len(c)]
-    adv = np.asarray(advantages_B, np.float32).reshape(-1)
-    if adv.shape != (B,):
-        raise ValueError(f"advantages_B has shape {adv.shape}, expected ({B},)")
-    return {"prompt_tokens_NP": ptok, "prompt_mask_NP": pmask, "completion_tokens_BC": ctok,
-            "completion_mask_BC": cmask, "old_logp_BC": old, "advantages_B": adv}
-
-
-def completion_logprobs(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC, *,
-                        cfg: ModelConfig, mesh=None):
-    """(log-probs [B, C] of every completion token, their logits [B, C, V]); see `completion_logits`."""
-    logits_BCV = completion_logits(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC,
-                                   cfg=cfg, mesh=mesh)
-    return token_logprobs(logits_BCV, jnp.asarray(completion_tokens_BC, jnp.int32)), logits_BCV
-
-
-def completion_logits(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC, *,
-                      cfg: ModelConfig, mesh=None):
-    """The logits [B, C, V] predicting every completion token; G = B / N samples per prompt.
-
-    `decoder.grouped_logits`: one scan over the layers carries the N prompts and the B
-    completions, each prompt's work done once per group. Values equal a full causal pass over
-    [prompt | completion] rows up to float rounding. With a `mesh` the logits stay split over batch
-    and vocabulary through the log-softmax.
-    """
-    logits_BCV = _decoder.grouped_logits(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC,
-                                         completion_mask_BC, cfg=cfg)
-    if mesh is not None:
-        logits_BCV = jax.lax.with_sharding_constraint(
-            logits_BCV, fit_sharding(mesh, logits_BCV.shape, ("act_batch", "act_seq", "act_vocab"), cfg))
-    return logits_BCV
-
-
-def grpo_loss(params, batch: dict, *, cfg: ModelConfig, loss_cfg: LossConfig, mesh=None):
-    """(loss, metrics) of `policy_loss` on an update batch, plus the policy's token entropy."""
-    logits_BCV = completion_logits(params, batch["prompt_tokens_NP"], batch["prompt_mask_NP"],
-                                   batch["completion_tokens_BC"], batch["completion_mask_BC"], cfg=cfg, mesh=mesh)
-    mask_BC = batch["completion_mask_BC"]
-    logp_BC, entropy = token_logprobs_and_entropy(logits_BCV, jnp.asarray(batch["completion_tokens_BC"], jnp.int32), mask_BC)
-    loss, metrics = policy_loss(logp_BC, batch["old_logp_BC"], batch["advantages_B"], mask_BC, loss_cfg,
-                                batch.get("ref_logp_BC"))
-    return loss, dict(metrics, entropy=entropy)
-
-
-def loss_config(rl, max_len: int | None = None) -> LossConfig:
-    """The `LossConfig` of an `RLSection` (dr_grpo's constant normaliser is rl.max_new_tokens)."""
-    try:
-        return LossConfig(name=rl.loss, ratio_level=rl.ratio_level, epsilon_low=rl.epsilon_low,
-                          epsilon_high=rl.epsilon_high, beta=rl.beta, kl_estimator=rl.kl_estimator,
-                          max_len=int(max_len or rl.max_new_tokens), delta=rl.delta)
-    except ValueError as e:
-        raise ConfigError(f"rl.loss: {e}") from None
-
-
-def _advantage_opts(rl) -> dict:
-    """Keyword options of the configured estimator: the grpo options it accepts; a non-default
-    option it does not accept is an error rather than silently ignored."""
-    import inspect
-
-    fn = get_advantage(rl.advantage)
-    params = inspect.signature(fn).parameters
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    wanted = {"normalize_std": (rl.normalize_std, True), "eps": (rl.advantage_eps, 1e-6), "ddof": (rl.advantage_ddof, 0)}
-    out = {}
-    for name, (value, default) in wanted.items():
-        if var_kw or name in params:
-            out[name] = value
-        elif value != default:
-            key = {"eps": "rl.advantage_eps", "ddof": "rl.advantage_ddof"}.get(name, f"rl.{name}")
-            raise ConfigError(f"{key}={value}: advantage estimator {rl.advantage!r} takes no '{name}' option; leave it at {default}")
-    return out
-
-
-# ----------------------------------------------------------------------------- compiled programs
-
-
-def _optimizer(optim_cfg, total_micro_steps: int):
-    """One optax transformation per (config, length): the train state's treedef holds it, so equal
-    configs reuse the compiled update (a same-process resume compiles nothing). Only the cosine
-    schedule depends on the run length."""
-    return _optimizer_cached(optim_cfg, total_micro_steps if optim_cfg.schedule == "cosine" else 0)
-
-
-@functools.lru_cache(maxsize=8)
-def _optimizer_cached(optim_cfg, total_micro_steps: int):
-    return make_optimizer(optim_cfg, total_micro_steps)
-
-
-def _constraint_mesh(mesh):
-    """The mesh for activation constraints: None on one device (nothing to constrain)."""
-    return mesh if mesh is not None and mesh.size > 1 else None
-
-
-@functools.lru_cache(maxsize=8)
-def _update_fn(model_cfg: ModelConfig, lora_cfg, loss_cfg: LossConfig, mesh, tx):
-    """The jitted, state-donating GRPO update (full fine-tuning, or LoRA over frozen base weights);
-    the new state comes back in `placement.train_state_shardings`, the metrics replicated."""
-    cm = _constraint_mesh(mesh)
-    if lora_cfg is None:
-        def loss_fn(params, batch, rng, frozen):
-            return grpo_loss(params, batch, cfg=model_cfg, loss_cfg=loss_cfg, mesh=cm)
-    else:
-        def loss_fn(lora, batch, rng, frozen):
-            return grpo_loss(apply_lora(frozen, lora, lora_cfg), batch, cfg=model_cfg, loss_cfg=loss_cfg, mesh=cm)
-    out = (placement.train_state_shardings(model_cfg, lora_cfg, mesh, tx), replicated(mesh))
-    return make_train_step(loss_fn, out_shardings=out)
-
-
-@functools.lru_cache(maxsize=8)
-def _logprob_fn(model_cfg: ModelConfig, mesh=None):
-    """Jitted ``(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC) -> logp_BC``
-    (inputs keep the shardings they arrive with)."""
-    cm = _constraint_mesh(mesh)
-
-    def fn(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC, completion_mask_BC):
-        logp, _ = completion_logprobs(params, prompt_tokens_NP, prompt_mask_NP, completion_tokens_BC,
-                                      completion_mask_BC, cfg=model_cfg, mesh=cm)
-        return jnp.where(completion_mask_BC != 0, logp, 0.0)
-
-    return jax.jit(fn)
 
 
 def _seed_of(key) -> int:
@@ -324,7 +102,8 @@ def _seed_of(key) -> int:
 
 
 class GRPOTrainer:
-    """The RL loop over explicit state. Build it, then `train()`; or drive `train_step()` yourself.
+    """The RL step over explicit state, a `loop.Task`. Build it, then `train()`; or drive
+    `train_step()` yourself.
 
     Args:
       cfg: the run `Config` (sections model, optim, lora, checkpoint, run, rl).
@@ -335,9 +114,16 @@ class GRPOTrainer:
 
     The state lives in attributes: ``state`` (TrainState of the trainable pytree), ``frozen`` (base
     weights under LoRA, else None), ``reference`` (reference params or None when beta == 0),
-    ``step`` (RL steps done), ``it`` (the data iterator), ``mesh`` (the device mesh every array lives
-    on). ``stats`` counts program calls.
+    ``step`` (RL steps done), ``iterator`` (the data iterator), ``mesh`` (the device mesh every array
+    lives on). ``stats`` counts program calls.
     """
+
+    name = "RL"
+    show_keys = ("reward_mean", "kl", "lr")
+    # A judge that kept failing (after its retries) or a broken reward, raised before the update:
+    # the loop keeps the work done so far and stops; nothing is scored as 0 behind the user's back.
+    resumable_errors = (RewardError,)
+    resume_hint = "fix the judge or reward and rerun the same command to resume"
 
     def __init__(self, cfg: Config, reward_set: RewardSet | None = None, records: Sequence[dict] | None = None,
                  eval_records: Sequence[dict] | None = None, *, model_dir: str | None = None):
@@ -370,7 +156,7 @@ class GRPOTrainer:
         if rl.eval_every and eval_records is None and not rl.eval_data:
             raise ConfigError("rl.eval_every > 0 needs held-out prompts: set rl.eval_data (or pass eval_records)")
         self.loss_cfg = loss_config(rl)
-        self.adv_opts = _advantage_opts(rl)
+        self.adv_opts = advantage_options(rl)
         if reward_set is None:
             # Judges are built from the config's judge section once the mesh exists (an llm judge's
             # weights go on it, as the policy's do).
@@ -381,16 +167,10 @@ class GRPOTrainer:
         if not isinstance(self.reward_set, RewardSet):
             raise TypeError(f"reward_set must be a cada_jax.rewards.functions.RewardSet, got {type(self.reward_set).__name__}")
 
-        from cada_jax.checkpoints.gguf_import import resolve_model
-        from cada_jax.models.config import load_config as load_model_config
         from cada_jax.sampling import Sampler
         from cada_jax.tokenizer import Tokenizer
 
-        self.model_dir = model_dir or resolve_model(cfg.model.path, progress=cfg.run.progress)
-        self.model_cfg = load_model_config(self.model_dir).replace(
-            dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-            attention_impl=cfg.model.attention_impl,
-        )
+        self.model_dir, self.model_cfg = placement.model_config(cfg, model_dir)
         self.mesh = mesh_from_config(cfg.mesh, self.model_cfg)
         rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if self.minibatch % rows:
@@ -419,73 +199,36 @@ class GRPOTrainer:
         # One global prompt order on every process (see the module doc), so process_count=1 here.
         ds = prompt_dataset(list(range(len(self.records))), seed=rl.seed, shuffle=True, num_epochs=None,
                             batch_size=rl.prompts_per_step, name=source, process_index=0, process_count=1)
-        self.it = make_iterator(ds)
+        self.iterator = make_iterator(ds)
 
         root = jax.random.PRNGKey(cfg.run.seed)
         lora_key, state_key, self.sample_key, self.shuffle_key = jax.random.split(root, 4)
+        self.total_steps = rl.steps
         self.total_micro = rl.steps * self.micro_per_step
-        tx = _optimizer(cfg.optim, self.total_micro)
+        tx = optimizer_for(cfg.optim, self.total_micro)
         self.schedule = make_schedule(cfg.optim, self.total_micro)
         self.lora_cfg = cfg.lora if cfg.lora.enabled else None
-        self._update = _update_fn(self.model_cfg, self.lora_cfg, self.loss_cfg, self.mesh, tx)
-        self._ref_logp = _logprob_fn(self.model_cfg, self.mesh)
+        self._update = grpo_update(self.model_cfg, self.lora_cfg, self.loss_cfg, self.mesh, tx)
+        self._ref_logp = reference_logprob_fn(self.model_cfg, self.mesh)
         self.stats = {"reference_calls": 0, "update_calls": 0, "sample_calls": 0, "eval_calls": 0}
         self._timing = {"sampling_s": 0.0, "reward_s": 0.0}
         self.compiled_shapes: set[tuple[int, int]] = set()
+        self.groups_dropped, self.rewards = 0, (None, None)  # over this process's steps, for the summary
 
-        # State: resume reads arrays straight from the checkpoint into their shards (no second
-        # copy of full weights); weights are loaded straight into their shards.
         self.ckpt = Checkpointer.from_config(cfg.checkpoint, self.run_dir)
-        where = dict(model_cfg=self.model_cfg, lora_cfg=self.lora_cfg, mesh=self.mesh)
-        restored = None
-        if self.ckpt.latest_step() is not None:  # the newest healthy checkpoint (damaged ones are set aside)
-            restored = self.ckpt.restore_latest(placement.abstract_state(tx, state_key, **where))
-        resuming = restored is not None
-        need_base = self.lora_cfg is not None or not resuming or rl.beta > 0
-        base = None
-        if need_base:
-            from cada_jax.checkpoints.hf import load_params
-
-            base, _ = load_params(self.model_dir, self.model_cfg, shardings=param_shardings(self.model_cfg, self.mesh))
-        self.frozen = base if self.lora_cfg is not None else None
-        trainable = None
-        if self.lora_cfg is not None:
-            if not resuming:
-                trainable = shard_params(init_lora(base, self.model_cfg, self.lora_cfg, lora_key),
-                                         placement.trainable_shardings(self.model_cfg, self.mesh, self.lora_cfg))
-            self.reference = base if rl.beta > 0 else None  # the base weights, no adapters, no copy
-        elif resuming:
-            self.reference = base if rl.beta > 0 else None
-        elif rl.beta > 0:
-            trainable = placement.copy_tree(base)  # the frozen reference keeps `base`
-            self.reference = base
-        else:
-            trainable = base  # donated to the first update; nothing else holds it
-            self.reference = None
-        del base
-        self.step = 0
-        if resuming:
-            check_resume(restored.meta, to_dict(cfg), self.data_digest, run_dir=self.run_dir, data_key="rl.data")
-            self.state, self.step = restored.state, restored.step
-            if int(self.state.step) != self.step * self.micro_per_step:
-                raise ValueError(
-                    f"{self.ckpt.directory}/{self.step}: {int(self.state.step)} micro-batches saved for {self.step} steps, "
-                    f"expected {self.step * self.micro_per_step}; it was written with other rl.mu/minibatch settings — use a new checkpoint.dir"
-                )
-            restore_iterator(self.it, restored.data_state, source=f"{self.ckpt.directory}/{self.step}")
-        else:
-            # Fresh and restored states carry the same shardings, so a resumed run (and the next
-            # run in the same process) reuses the compiled sampler and update.
-            self.state = placement.create_state(trainable, tx, state_key, **where)
+        start = start_state(cfg, self.ckpt, self.iterator, tx, lora_key=lora_key, state_key=state_key,
+                            model_dir=self.model_dir, model_cfg=self.model_cfg, mesh=self.mesh,
+                            data_digest=self.data_digest, data_key="rl.data", micro_per_step=self.micro_per_step,
+                            reference=rl.beta > 0)
+        self.state, self.step, self.frozen, self.reference = start.state, start.step, start.frozen, start.reference
         self.resumed_from = self.step
-        del trainable
 
     # ------------------------------------------------------------------ records
     def _encode(self, records, source: str):
         records = list(records)
         if not records:
             raise RLDataError(f"{source}: no prompt records; RL needs at least one prompt (check the file and any filters)")
-        prompts = [_record_prompt(r, self.rl.prompt_field, f"{source} record {i}") for i, r in enumerate(records)]
+        prompts = [record_prompt(r, self.rl.prompt_field, f"{source} record {i}") for i, r in enumerate(records)]
         ids = self.sampler.encode_prompts(prompts)
         budget = self.max_seq_len - self.rl.max_new_tokens
         for i, p in enumerate(ids):
@@ -548,7 +291,7 @@ class GRPOTrainer:
         columns = self._columns(recs, G)
         columns["completion_ids"] = [list(c) for c in out.completion_ids]
         columns["finish_reason"] = list(out.finish_reasons)
-        prompts = [_prompt_text(self.prompts[i]) for i in idxs for _ in range(G)]
+        prompts = [prompt_text(self.prompts[i]) for i in idxs for _ in range(G)]
         raw_FB = self._score(prompts, out.texts, columns)
         total_B = self.reward_set.combine(raw_FB)
         t2 = time.perf_counter()
@@ -568,27 +311,19 @@ class GRPOTrainer:
         """The groups trained on at `step` (after dynamic sampling) and the rollout metrics."""
         rl, target = self.rl, self.rl.prompts_per_step
         params = self.policy_params()
-        seen: list[dict] = []
-        kept: list[dict] = []
-        zero: list[dict] = []
-        rounds = 0
-        while True:
-            idxs = next(self.it)
-            groups = self._sample_groups(params, idxs, step, rounds)
-            rounds += 1
-            seen += groups
-            if not rl.dynamic_sampling:
-                kept = groups
-                break
-            signal_N = group_has_signal(np.concatenate([g["rewards"] for g in groups]), rl.group_size)
-            for g, s in zip(groups, signal_N):
-                (kept if s else zero).append(g)
-            if len(kept) >= target or rounds > rl.max_extra_rounds:
-                break
-        chosen = kept[:target]
-        padded = target - len(chosen)
-        if padded:
-            chosen += zero[len(zero) - padded:]
+        if rl.dynamic_sampling:
+            pool = DynamicSampler(max_rounds=rl.max_extra_rounds, on_exhausted="pad")
+            seen: list[dict] = []
+            while not pool.ready(target):
+                groups = self._sample_groups(params, next(self.iterator), step, pool.rounds)
+                seen += groups
+                pool.add(groups)
+            chosen = pool.take(target)
+            counts = pool.stats()
+            rounds = counts["total_rounds"]
+        else:
+            chosen = seen = self._sample_groups(params, next(self.iterator), step, 0)
+            rounds = 1
         raw = np.concatenate([g["raw_rewards"] for g in seen], axis=1)
         total = np.concatenate([g["rewards"] for g in seen])
         lengths = np.asarray([len(c) for g in seen for c in g["completion_ids"]], np.int64)
@@ -601,8 +336,8 @@ class GRPOTrainer:
             "sampling_rounds": rounds, **self.reward_set.judge_stats(),
         }
         if rl.dynamic_sampling:
-            metrics["groups_dropped"] = len(zero) - padded
-            metrics["groups_padded"] = padded
+            metrics["groups_dropped"] = counts["groups_dropped"]
+            metrics["groups_padded"] = counts["groups_padded"]
         return chosen, metrics
 
     # ------------------------------------------------------------------ batch
@@ -678,8 +413,9 @@ class GRPOTrainer:
         return out
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict:
-        """One RL step at `self.step`; advances it and returns the step's metrics."""
+    def train_step(self, log_now: bool = True) -> dict:
+        """One RL step at `self.step`; advances it and returns the step's metrics (on the host,
+        logged or not: the rollout needed them anyway)."""
         step = self.step
         self._timing = {"sampling_s": 0.0, "reward_s": 0.0}
         t0 = time.perf_counter()
@@ -720,7 +456,7 @@ class GRPOTrainer:
             columns = self._columns(recs, 1)
             columns["completion_ids"] = [list(c) for c in out.completion_ids]
             columns["finish_reason"] = list(out.finish_reasons)
-            raws.append(self._score([_prompt_text(self.eval_prompts[i]) for i in idx], out.texts, columns))
+            raws.append(self._score([prompt_text(self.eval_prompts[i]) for i in idx], out.texts, columns))
             lengths += [len(c) for c in out.completion_ids]
         self.sampler.release_weights()
         raw = np.concatenate(raws, axis=1)
@@ -729,86 +465,36 @@ class GRPOTrainer:
                "eval_completion_len_mean": float(np.mean(lengths)), "eval_s": time.perf_counter() - t0}
         return out
 
-    # ------------------------------------------------------------------ the loop
-    def _meta(self) -> dict:
+    # ------------------------------------------------------------------ the loop's task
+    def meta(self) -> dict:
         return {"rl_steps": self.rl.steps, "micro_per_step": self.micro_per_step, "records": len(self.records),
                 "model_dir": self.model_dir, "config": to_dict(self.cfg), "data_sha256": self.data_digest}
 
-    def save(self, force: bool = False) -> bool:
-        return self.ckpt.save(self.step, self.state, iterator_state(self.it), self._meta(), force=force)
+    def observe(self, metrics: dict) -> None:
+        self.groups_dropped += int(metrics.get("groups_dropped", 0))
+        self.rewards = (metrics["reward_mean"] if self.rewards[0] is None else self.rewards[0], metrics["reward_mean"])
 
-    def train(self) -> dict:
-        """Run (or resume) to ``rl.steps``; checkpoints, metrics, preemption, export. Returns a summary.
+    def describe(self) -> dict:
+        return {"groups_dropped": self.groups_dropped, "first_reward": self.rewards[0], "last_reward": self.rewards[1],
+                "update_shapes": sorted(self.compiled_shapes)}
 
-        The run folder is locked for the duration: a second run in it is refused."""
-        with run_lock(self.run_dir, enabled=is_main_process()):
-            return self._train()
-
-    def _train(self) -> dict:
-        cfg, rl = self.cfg, self.rl
-        os.makedirs(self.run_dir, exist_ok=True)
-        if is_main_process():
-            dump_yaml(cfg, os.path.join(self.run_dir, "config.yaml"))
-        summary: dict[str, Any] = {
-            "run_dir": self.run_dir, "total_steps": rl.steps, "resumed_from": self.resumed_from, "preempted": False,
-            "skipped": 0, "groups_dropped": 0, "first_reward": None, "last_reward": None, "export_dir": None,
-        }
-        logger = MetricsLogger(self.run_dir, rl.steps, resume_step=self.step, show_keys=("reward_mean", "kl", "lr"),
-                               progress=cfg.run.progress)
-        sigterm_at = os.environ.get(SIGTERM_ENV)
-        streak = SkipStreak(cfg.optim.max_skipped_in_a_row)
-        try:
-            with PreemptionGuard() as guard:
-                while self.step < rl.steps:
-                    data_state = iterator_state(self.it)
-                    try:
-                        metrics = self.train_step()
-                    except RewardError as e:
-                        # A judge that kept failing (after its retries) or a broken reward: keep the
-                        # work done so far (the state before this step, with the prompt order rewound
-                        # to it), then stop; nothing is scored as 0 behind the user's back.
-                        self.ckpt.save(self.step, self.state, data_state, self._meta(), force=True)
-                        self.ckpt.wait()
-                        raise RewardError(f"RL step {self.step + 1}: {e}; the run is saved at step {self.step} in "
-                                          f"{self.ckpt.directory}: fix the judge or reward and rerun the same command to resume") from e
-                    summary["skipped"] += int(metrics["skipped"])
-                    streak.update(self.step, int(metrics["skipped"]))
-                    summary["groups_dropped"] += int(metrics.get("groups_dropped", 0))
-                    if summary["first_reward"] is None:
-                        summary["first_reward"] = metrics["reward_mean"]
-                    summary["last_reward"] = metrics["reward_mean"]
-                    if self.step % cfg.run.log_every == 0 or self.step == rl.steps:
-                        logger.log(self.step, metrics)
-                    self.save()
-                    if sigterm_at and int(sigterm_at) == self.step:
-                        os.kill(os.getpid(), signal.SIGTERM)
-                    if self.step < rl.steps and guard.should_stop():
-                        self.save(force=True)
-                        summary["preempted"] = True
-                        break
-                if not summary["preempted"]:
-                    self.save(force=True)
-            self.ckpt.wait()
-        finally:
-            logger.close()
-            self.ckpt.close()
-            self.reward_set.close()
-        summary["steps"] = self.step
-        summary["update_shapes"] = sorted(self.compiled_shapes)
-        if summary["preempted"]:
-            return summary
-        summary["export_dir"] = self.export(os.path.join(self.run_dir, "final"))
-        if is_main_process():
-            atomic_write_json(os.path.join(self.run_dir, "summary.json"), summary)
-        return summary
+    def train(self, hooks: Sequence[Hook] = ()) -> dict:
+        """Run (or resume) to ``rl.steps`` in the training loop (`loop.Trainer`): checkpoints,
+        metrics, preemption, export. Returns the run summary. The run folder is locked meanwhile."""
+        return Trainer(self.cfg, hooks=hooks).run(self)
 
     def export(self, out_dir: str) -> str:
         """Write the policy (LoRA merged) as a HF directory (process 0 writes; every process calls this)."""
         return placement.export(self.policy_params(), self.model_cfg, out_dir, tokenizer_dir=self.model_dir,
                                 dtype=self.cfg.model.param_dtype)
 
+    def close(self) -> None:
+        self.reward_set.close()
+
 
 def train_grpo(config: Config, records: Sequence[dict] | None = None, reward_set: RewardSet | None = None,
-               eval_records: Sequence[dict] | None = None) -> dict:
-    """Run (or resume) GRPO as configured (see the module doc); returns a summary dict."""
-    return GRPOTrainer(config, reward_set, records, eval_records).train()
+               eval_records: Sequence[dict] | None = None, *, hooks: Sequence[Hook] = ()) -> dict:
+    """Run (or resume) GRPO as configured (see the module doc); returns a summary dict. The run
+    folder is locked from before the trainer is built; `hooks` run after every step."""
+    with Trainer(config, hooks=hooks) as loop:
+        return loop.run(GRPOTrainer(config, reward_set, records, eval_records))
