@@ -30,6 +30,7 @@ from cada_jax.models.config import ModelConfig
 from cada_jax.sharding import fit_sharding
 from cada_jax.training import placement
 from cada_jax.training.advantages import get_advantage
+from cada_jax.training.data import prompt_of
 from cada_jax.training.losses import LossConfig, policy_loss, token_logprobs, token_logprobs_and_entropy
 
 __all__ = [
@@ -70,17 +71,7 @@ def record_prompt(rec: Any, field: str, where: str):
         raise RLDataError(f"{where}: expected an object with a '{field}' field, got {type(rec).__name__}")
     if field not in rec:
         raise RLDataError(f"{where}: missing field '{field}'; set rl.prompt_field to the prompt's field name")
-    value = rec[field]
-    if isinstance(value, str):
-        if not value.strip():
-            raise RLDataError(f"{where}: field '{field}' is empty; every record needs a prompt")
-        return value
-    if isinstance(value, list) and value:
-        for j, m in enumerate(value):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise RLDataError(f"{where}: {field}[{j}] must be an object with string 'role' and 'content'")
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise RLDataError(f"{where}: field '{field}' must be a non-empty string or a non-empty list of chat messages")
+    return prompt_of(rec, field, where, RLDataError)
 
 
 def prompt_text(prompt) -> str:

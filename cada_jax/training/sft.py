@@ -61,7 +61,7 @@ from cada_jax.models.decoder import Decoder
 from cada_jax.sharding import data_shard, mesh_from_config, place_process_rows, to_host
 from cada_jax.training import placement
 from cada_jax.training.checkpointing import Checkpointer, records_digest
-from cada_jax.training.data import make_iterator, prompt_dataset
+from cada_jax.training.data import make_iterator, prompt_dataset, prompt_of
 from cada_jax.training.loop import Hook, Trainer, start_state
 from cada_jax.training.losses import token_logprobs
 from cada_jax.training.lora import merge_lora
@@ -122,17 +122,8 @@ def _messages(rec: dict, prompt_field: str, where: str) -> list[dict]:
         field = "prompt"
     else:
         raise SFTDataError(f"{where}: missing field '{prompt_field}' (or 'prompt'); set sft.prompt_field to the prompt's field name")
-    value = rec[field]
-    if isinstance(value, str):
-        if not value.strip():
-            raise SFTDataError(f"{where}: field '{field}' is empty; every record needs a prompt")
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value:
-        for j, m in enumerate(value):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise SFTDataError(f"{where}: {field}[{j}] must be an object with string 'role' and 'content'")
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise SFTDataError(f"{where}: field '{field}' must be a non-empty string or a non-empty list of chat messages")
+    prompt = prompt_of(rec, field, where, SFTDataError)
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 def encode_records(records: Sequence[dict], tokenizer, *, prompt_field: str = "prompt_messages",
