@@ -48,7 +48,7 @@ def _records(n: int, target_id: int) -> list[dict]:
 
 def make_cada(model_dir: str, args, target_id: int, out_dir: str):
     from cada_jax.config import load_config
-    from cada_jax.rl.grpo import GRPOTrainer
+    from cada_jax.training.grpo import GRPOTrainer
 
     steps = 2 * (args.steps + 1)
     overrides = [
@@ -85,7 +85,7 @@ def run_trl_interleaved(model_dir: str, args, target_id: int, out_dir: str, cada
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from cada_jax.rl.rewards import target_token_share
+    from cada_jax.rewards.functions import target_token_share
 
     phases: list[dict] = []
 

@@ -204,7 +204,7 @@ class RunSection:
 
 @dataclasses.dataclass(frozen=True)
 class RewardSpec:
-    name: str = _f("", "a reward registered in cada_jax.rl.rewards (e.g. target_token_share), or 'package.module:function'")
+    name: str = _f("", "a reward registered in cada_jax.rewards.functions (e.g. target_token_share), or 'package.module:function'")
     weight: float = _f(1.0, "weight of this reward in the summed reward")
     judge: str = _f("", "judge giving this reward's verdicts (rule | llm | http | a registered one); '' = rl.judge. Ignored by rewards that need none")
 
@@ -228,13 +228,13 @@ class RLSection:
     mu: int = _f(1, "update epochs over each sampled batch (PPO-style reuse; 1 = on-policy)")
     minibatch_size: int = _f(0, "completions per micro-batch of the update; 0 = the whole batch (prompts_per_step * group_size)")
     beta: float = _f(0.04, "KL coefficient towards the frozen reference; 0 skips all reference work")
-    loss: str = _f("grpo", "loss aggregation registered in cada_jax.rl.losses: grpo | dr_grpo | dapo | your own")
+    loss: str = _f("grpo", "loss aggregation registered in cada_jax.training.losses: grpo | dr_grpo | dapo | your own")
     ratio_level: Literal["token", "sequence"] = _f("token", "token: per-token ratio (GRPO); sequence: GSPO's length-normalised sequence ratio")
     epsilon_low: float = _f(0.2, "lower clip of the ratio at 1 - epsilon_low")
     epsilon_high: float = _f(0.2, "upper clip of the ratio at 1 + epsilon_high (DAPO clip-higher: 0.28)")
     kl_estimator: Literal["k1", "k2", "k3"] = _f("k3", "per-token KL estimator towards the reference")
     delta: float | None = _f(None, "dual-clip cap on the ratio for negative advantages (> 1 + epsilon_high); null = off")
-    advantage: str = _f("grpo", "advantage estimator registered in cada_jax.rl.advantages: grpo | rloo | your own")
+    advantage: str = _f("grpo", "advantage estimator registered in cada_jax.training.advantages: grpo | rloo | your own")
     normalize_std: bool = _f(True, "grpo advantage: divide by the group's reward std (false = Dr. GRPO)")
     advantage_eps: float = _f(1e-6, "grpo advantage: added to the std before dividing")
     advantage_ddof: int = _f(0, "grpo advantage: 0 = population std, 1 = unbiased std (as TRL)")

@@ -4,14 +4,14 @@ The run's own programs are lowered and compiled with abstract arrays (`jax.Shape
 carrying the run's shardings; no weight is loaded or allocated) on N host CPU devices standing in
 for the N chips of the config's mesh:
 
-* ``sft_step``      the SFT update (`rl.sft._train_step`) on ``sft.batch_size`` rows of ``sft.max_len``
-* ``rl_update``     the GRPO update (`rl.grpo._update_fn`) on one micro-batch of ``rl.minibatch_size``
-* ``rl_reference``  the reference log-prob pass (`rl.grpo._logprob_fn`) on the same micro-batch
+* ``sft_step``      the SFT update (`training.sft.sft_update`) on ``sft.batch_size`` rows of ``sft.max_len``
+* ``rl_update``     the GRPO update (`training.grpo_batch.grpo_update`) on one micro-batch of ``rl.minibatch_size``
+* ``rl_reference``  the reference log-prob pass (`training.grpo_batch.reference_logprob_fn`) on the same micro-batch
 * ``rl_prefill``    the rollout sampler's prefill (`Sampler._prefill`) of ``rl.prompts_per_step`` prompts
 * ``rl_start``      the decode loop's start state (`sampling._start_state`): the cache widened, repeated n times
 * ``rl_decode``     the rollout's decode loop (`Sampler._decode`), ``rl.group_size`` samples per prompt
 
-with the shardings the trainers use (`rl.placement.abstract_state`, `sharding.param_shardings`,
+with the shardings the trainers use (`training.placement.abstract_state`, `sharding.param_shardings`,
 `sharding.fit_sharding` for micro-batches). For each: the per-device buffer sizes XLA assigned
 (``compiled.memory_analysis()``), what else the trainer keeps on the device meanwhile (the frozen
 reference while the update runs, the optimizer state while sampling, ...: ``resident``), their sum
@@ -358,7 +358,8 @@ def plan(cfg, model_cfg, chip: Chip, *, num_devices: int | None = None, prompt_l
     import jax.numpy as jnp
 
     from cada_jax.models.decoder import param_shapes
-    from cada_jax.rl import grpo, placement, sft
+    from cada_jax.training import grpo_batch, placement, sft
+    from cada_jax.training.optim import optimizer_for
     from cada_jax.sampling import Sampler, _start_state
     from cada_jax.sharding import MeshConfig, mesh_from_config, param_shardings
     from cada_jax.tokenizer import bucket, length_bucket
@@ -461,7 +462,7 @@ def plan(cfg, model_cfg, chip: Chip, *, num_devices: int | None = None, prompt_l
     if "sft_step" in todo:
         n += 1
         # The run length enters the program only as a constant of the cosine schedule.
-        tx = sft._optimizer(cfg.optim, max(1, cfg.sft.steps))
+        tx = optimizer_for(cfg.optim, max(1, cfg.sft.steps))
         state_abs = placement.abstract_state(tx, key, model_cfg=mc, lora_cfg=lora_cfg, mesh=mesh)
         B, T = cfg.sft.batch_size, cfg.sft.max_len
         from cada_jax.sharding import batch_sharding
@@ -471,14 +472,14 @@ def plan(cfg, model_cfg, chip: Chip, *, num_devices: int | None = None, prompt_l
             ("tokens_BT", "int32"), ("targets_BT", "int32"), ("weights_BT", "float32"), ("positions_BT", "int32"),
             ("segment_ids_BT", "int32"))}
         frozen = params_abs if lora_cfg is not None else None
-        step = sft._train_step(mc, lora_cfg, mesh, tx)
+        step = sft.sft_update(mc, lora_cfg, mesh, tx)
         run(n, "sft_step", f"{B} rows x {T}", step, (state_abs, batch, None, frozen), {}, {}, B * T)
 
     # --- GRPO
     rl_todo = [p for p in todo if p.startswith("rl")]
     if rl_todo:
         total_micro = rl.steps * rl.mu * ((rl.prompts_per_step * G) // minibatch)
-        tx = grpo._optimizer(cfg.optim, max(1, total_micro))
+        tx = optimizer_for(cfg.optim, max(1, total_micro))
         state_abs = placement.abstract_state(tx, key, model_cfg=mc, lora_cfg=lora_cfg, mesh=mesh)
         state_b = device_bytes(state_abs)
         opt_b = device_bytes(state_abs.opt_state)
@@ -501,14 +502,14 @@ def plan(cfg, model_cfg, chip: Chip, *, num_devices: int | None = None, prompt_l
         desc = f"{N} prompts x {P_upd} + {minibatch} completions x {C_upd}"
         if "rl_update" in rl_todo:
             n += 1
-            loss_cfg = grpo.loss_config(rl)
-            upd = grpo._update_fn(mc, lora_cfg, loss_cfg, mesh, tx)
+            loss_cfg = grpo_batch.loss_config(rl)
+            upd = grpo_batch.grpo_update(mc, lora_cfg, loss_cfg, mesh, tx)
             frozen = params_abs if not full else None
             resident = {"reference": ref_b} if full else {}
             run(n, "rl_update", desc, upd, (state_abs, ub, None, frozen), {}, resident, upd_tokens)
         if "rl_reference" in rl_todo:
             n += 1
-            fn = grpo._logprob_fn(mc, mesh)
+            fn = grpo_batch.reference_logprob_fn(mc, mesh)
             resident = {"train_state": state_b}
             run(n, "rl_reference", desc, fn, (params_abs, ub["prompt_tokens_NP"], ub["prompt_mask_NP"],
                                                ub["completion_tokens_BC"], ub["completion_mask_BC"]), {}, resident,

@@ -776,7 +776,7 @@ def sharded_forward(cfg: ModelConfig, mesh: Mesh, *, with_cache: bool = False):
 def _sequence_logprobs(params, tokens_BT, attention_mask_BT, cfg, mesh):
     """log p(token_t | tokens_<t) aligned with tokens: [B, T], position 0 is 0."""
     from cada_jax.models.decoder import forward, positions_from_mask
-    from cada_jax.rl.losses import token_logprobs
+    from cada_jax.training.losses import token_logprobs
 
     positions_BT = positions_from_mask(attention_mask_BT)
     logits_BTV, _ = forward(params, tokens_BT, positions_BT, attention_mask_BT, None, cfg=cfg)
@@ -839,11 +839,11 @@ def sharded_update_step(
     import optax
 
     from cada_jax.models.decoder import param_shapes
-    from cada_jax.rl.losses import LossConfig, policy_loss
+    from cada_jax.training.losses import LossConfig, policy_loss
 
     loss_cfg = loss_cfg if loss_cfg is not None else LossConfig()
     if not isinstance(loss_cfg, LossConfig):
-        raise TypeError(f"loss_cfg must be a cada_jax.rl.losses.LossConfig, got {type(loss_cfg).__name__}")
+        raise TypeError(f"loss_cfg must be a cada_jax.training.losses.LossConfig, got {type(loss_cfg).__name__}")
     optimizer = optimizer if optimizer is not None else optax.adamw(learning_rate, weight_decay=weight_decay)
     validate(cfg, mesh)
 

@@ -120,7 +120,7 @@ def grpo_scenario(mesh, steps: int = 2, lr: float = 1e-3):
     """
     import optax
 
-    from cada_jax.rl.losses import LossConfig
+    from cada_jax.training.losses import LossConfig
     from cada_jax.sharding import param_shardings, shard_batch, shard_params, sharded_logprobs, sharded_update_step
 
     cfg = tiny_cfg("qwen2")
@@ -150,7 +150,7 @@ def reference_update(params0, batch, cfg, loss_cfg, steps: int = 2, lr: float = 
     import optax
 
     from cada_jax.models.decoder import forward, positions_from_mask
-    from cada_jax.rl.losses import policy_loss
+    from cada_jax.training.losses import policy_loss
 
     old = reference_logprobs(params0, batch, cfg)
     adv = jnp.asarray(batch["advantages_B"])

@@ -4,8 +4,8 @@ Started by ``launch/multihost_local.sh -n 2 -d 4 -- python -m tests.multihost_tr
 two processes of 4 CPU devices joined with `jax.distributed`, one data=2 x fsdp=2 x tensor=2 mesh
 over both. Through the real entry points, on a run directory both processes share:
 
-* GRPO (`train_grpo`): a straight 2-step run, and a run preempted by SIGTERM after step 1 (the
-  trainer's test hook; `PreemptionGuard.should_stop` stops both processes together), saved
+* GRPO (`train_grpo`): a straight 2-step run, and a run preempted by SIGTERM after step 1 (a
+  training-loop hook, `tests.trainer_worker.sigterm_after`; `PreemptionGuard.should_stop` stops both processes together), saved
   collectively by orbax and resumed to step 2;
 * SFT through the CLI (`cada sft CONFIG k=v ...`, which joins the job itself): a straight 3-step
   run, and a 2-step run resumed from its checkpoint to step 3; each process loads only its slice of
@@ -47,10 +47,10 @@ def main(root: str) -> dict:
 
     from cada_jax.cli import main as cli_main
     from cada_jax.config import dump_yaml, load_config
-    from cada_jax.rl.grpo import SIGTERM_ENV, train_grpo
+    from cada_jax.training.grpo import train_grpo
     from cada_jax.sharding import data_shard, mesh_from_config
     from tests.mesh_worker import tiny_model_dir
-    from tests.trainer_worker import GRPO_RECORDS, grpo_overrides, metrics_rows, sft_overrides, sft_records
+    from tests.trainer_worker import GRPO_RECORDS, grpo_overrides, metrics_rows, sft_overrides, sft_records, sigterm_after
 
     pid = jax.process_index()
     res: dict = {"method": method, "process_index": pid, "process_count": jax.process_count(),
@@ -64,9 +64,7 @@ def main(root: str) -> dict:
     # --- GRPO: straight vs preempted at step 1 and resumed
     straight = train_grpo(load_config(None, grpo_overrides(model_dir, out, "rl_a", 2, "d2f2t2")), GRPO_RECORDS)
     cfg_b = load_config(None, grpo_overrides(model_dir, out, "rl_b", 2, "d2f2t2"))
-    os.environ[SIGTERM_ENV] = "1"
-    first = train_grpo(cfg_b, GRPO_RECORDS)
-    del os.environ[SIGTERM_ENV]
+    first = train_grpo(cfg_b, GRPO_RECORDS, hooks=[sigterm_after(1)])
     resumed = train_grpo(cfg_b, GRPO_RECORDS)
     multihost_utils.sync_global_devices("grpo runs done")
     res["grpo"] = {

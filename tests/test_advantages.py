@@ -1,4 +1,4 @@
-"""Tests for cada_jax.rl.advantages against plain-loop numpy re-computations."""
+"""Tests for cada_jax.training.advantages against plain-loop numpy re-computations."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cada_jax.rl import advantages as A
-from cada_jax.rl.advantages import DynamicSampler, SamplerExhaustedError, group_has_signal
+from cada_jax.training import advantages as A
+from cada_jax.training.advantages import DynamicSampler, SamplerExhaustedError, group_has_signal
 
 REWARDS = np.array([1.0, 0.0, 0.5, 0.25, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.0, 1.5], dtype=np.float32)
 G = 4
@@ -196,6 +196,21 @@ def test_dynamic_sampler_exhaustion_partial_mode():
     s2 = DynamicSampler(max_rounds=0, on_exhausted="partial")
     s2.add(*_round("q", [[1, 1]]))
     assert s2.ready(2) and s2.take(2) == []
+
+
+def test_dynamic_sampler_exhaustion_pad_mode():
+    s = DynamicSampler(max_rounds=1, on_exhausted="pad")
+    calls = 0
+    while not s.ready(3):
+        s.add(*_round(f"p{calls}", [[0, 1], [1, 1]]))
+        calls += 1
+    assert calls == 2
+    # the two groups with signal, then the latest flat group of the step
+    assert [g["id"] for g in s.take(3)] == ["p00", "p10", "p11"]
+    st = s.stats()
+    assert st["groups_padded"] == 1 and st["groups_dropped"] == 1 and st["partial_takes"] == 0
+    s.add(*_round("q", [[1, 1], [2, 2], [0, 1]]))
+    assert s.ready(1) and [g["id"] for g in s.take(1)] == ["q2"] and s.stats()["groups_padded"] == 1
 
 
 def test_dynamic_sampler_bad_config():

@@ -37,7 +37,7 @@ def test_register_a_new_attack():
         assert apply_attack("shout_test", "abc") == "ABC"
         assert "shout_test" in available_attacks()
     finally:
-        del attacks._ATTACKS["shout_test"]
+        attacks.ATTACKS.unregister("shout_test")
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from cada_jax.config import CheckpointSection, OptimSection
-from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard
-from cada_jax.rl.optim import TrainState, make_optimizer, make_train_step
+from cada_jax.training.checkpointing import Checkpointer, PreemptionGuard
+from cada_jax.training.optim import TrainState, make_optimizer, make_train_step
 
 
 def loss_fn(params, batch, rng, frozen):

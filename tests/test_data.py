@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
+from cada_jax.training.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
 
 RECORDS = [{"id": i} for i in range(10)]
 

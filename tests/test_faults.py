@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cada_jax.config import ConfigError, load_config
-from cada_jax.rl.checkpointing import Checkpointer, NonFiniteState, SkipStreak
+from cada_jax.training.checkpointing import Checkpointer, NonFiniteState, SkipStreak
 from tests.test_checkpointing import as_np, fresh_state, trained_state
 
 
@@ -109,7 +109,7 @@ def test_non_finite_config_numbers_are_refused(override):
 def test_a_preempted_run_exits_with_the_documented_code(tmp_path, monkeypatch, capsys):
     from cada_jax import cli
     from cada_jax.errors import EXIT_PREEMPTED
-    from cada_jax.rl import grpo, sft
+    from cada_jax.training import grpo, sft
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("run: {out_dir: %s}\n" % tmp_path)
@@ -127,7 +127,7 @@ def test_a_preempted_pipeline_stage_is_not_recorded_as_done(tmp_path, monkeypatc
 
     from cada_jax.cada import pipeline
     from cada_jax.errors import Preempted
-    from cada_jax.rl import sft
+    from cada_jax.training import sft
 
     chains = tmp_path / "chains.jsonl"
     chains.write_text(json.dumps({"prompt": "hi", "completion": "hello"}) + "\n")
@@ -179,8 +179,8 @@ def test_a_config_json_that_is_not_an_object_is_one_line(tiny_model_dir, tmp_pat
 
 def test_non_utf8_input_files_name_their_line(tmp_path):
     from cada_jax.data.loaders import DataFormatError, load_prompt_file
-    from cada_jax.rl.grpo import RLDataError, read_prompt_records
-    from cada_jax.rl.sft import SFTDataError, read_records
+    from cada_jax.training.grpo_batch import RLDataError, read_prompt_records
+    from cada_jax.training.sft import SFTDataError, read_records
 
     good = json.dumps({"prompt": "hi", "completion": "hello"}).encode() + b"\n"
     bad = b'{"prompt": "caf\xe9", "completion": "x"}\n'
@@ -213,8 +213,8 @@ def test_a_hostile_chat_template_is_a_one_line_error(tiny_model_dir, tmp_path):
 
 
 def test_resume_with_another_config_or_data_is_refused_and_nothing_is_touched(tmp_path):
-    from cada_jax.rl.checkpointing import CheckpointMismatch
-    from cada_jax.rl.sft import train_sft
+    from cada_jax.training.checkpointing import CheckpointMismatch
+    from cada_jax.training.sft import train_sft
     from tests.test_sft import base_overrides, make_chat_model, random_records
 
     model_dir = make_chat_model(str(tmp_path / "model"))
@@ -235,7 +235,7 @@ def test_resume_with_another_config_or_data_is_refused_and_nothing_is_touched(tm
 def test_a_second_run_in_a_locked_folder_is_refused(tmp_path):
     from cada_jax.cada.pipeline import run_pipeline
     from cada_jax.files import RunLocked, run_lock
-    from cada_jax.rl.sft import train_sft
+    from cada_jax.training.sft import train_sft
 
     cfg = load_config(None, [f"run.out_dir={tmp_path}", "run.name=busy", "sft.data=x.jsonl"])
     with run_lock(tmp_path / "busy"):

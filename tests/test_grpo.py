@@ -13,16 +13,9 @@ import pytest
 
 from cada_jax.checkpoints.hf import load_params
 from cada_jax.config import ConfigError, dump_yaml, load_config
-from cada_jax.rl.grpo import (
-    SIGTERM_ENV,
-    TIMING_KEYS,
-    GRPOTrainer,
-    RLDataError,
-    build_update_batch,
-    completion_logprobs,
-    train_grpo,
-)
-from cada_jax.rl.rewards import RewardError, RewardSet, get_reward, register_reward
+from cada_jax.training.grpo import TIMING_KEYS, GRPOTrainer, train_grpo
+from cada_jax.training.grpo_batch import RLDataError, build_update_batch, completion_logprobs
+from cada_jax.rewards.functions import RewardError, RewardSet, get_reward, register_reward
 from tests.judge_server import ChainJudgeServer, serve_judge
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +58,7 @@ def test_reward_set_sums_weights_and_passes_columns():
     np.testing.assert_allclose(total, [0.5 * 2 + 2 * 0.5 - 0.02, 0.5 * 4 + 2 * 0.75 - 0.04, 0.0])
     assert means == pytest.approx({"only_named": 2.0, "target_token_share": 1.25 / 3, "length_penalty": -0.02})
     assert seen["answer"] == ["x", "x", "y"]
-    assert get_reward("cada_jax.rl.rewards:length_penalty") is get_reward("length_penalty")
+    assert get_reward("cada_jax.rewards.functions:length_penalty") is get_reward("length_penalty")
 
 
 def test_reward_errors_name_the_function():
@@ -277,9 +270,9 @@ def test_bad_input_errors(tiny_model_dir, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
-SUBPROCESS = ("import json, sys; from cada_jax.config import load_config; from cada_jax.rl.grpo import train_grpo; "
-              "recs = [json.loads(x) for x in open(sys.argv[2])]; "
-              "print('SUMMARY ' + json.dumps(train_grpo(load_config(sys.argv[1]), recs)))")
+SUBPROCESS = ("import json, sys; from cada_jax.config import load_config; from cada_jax.training.grpo import train_grpo; "
+              "from tests.trainer_worker import sigterm_after; recs = [json.loads(x) for x in open(sys.argv[2])]; "
+              "print('SUMMARY ' + json.dumps(train_grpo(load_config(sys.argv[1]), recs, hooks=[sigterm_after(3)])))")
 
 
 def test_sigterm_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
@@ -291,8 +284,7 @@ def test_sigterm_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
     yaml_b = dump_yaml(cfg_b, str(tmp_path / "resumed.yaml"))
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    env = dict(os.environ, **{SIGTERM_ENV: "3"})
-    proc = subprocess.run([sys.executable, "-c", SUBPROCESS, yaml_b, str(data)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", SUBPROCESS, yaml_b, str(data)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = json.loads(proc.stdout.split("SUMMARY ", 1)[1])
@@ -337,7 +329,7 @@ def judged_config(model_dir, tmp_path, server, name, steps=1):
 
 def test_http_judge_verdicts_reach_the_advantages(tiny_model_dir, tmp_path, chain_server):
     from cada_jax.rewards.format import has_final_answer, parse_output
-    from cada_jax.rl.advantages import compute_advantages
+    from cada_jax.training.advantages import compute_advantages
 
     tr = GRPOTrainer(judged_config(tiny_model_dir, tmp_path, chain_server, "judged"), records=JUDGED)
     assert tr.reward_set.judge_names == {"cada_safety": "http", "cada_helpful": "http"}

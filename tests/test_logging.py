@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cada_jax.rl.logging import MetricsLogger, read_metrics
+from cada_jax.training.logging import MetricsLogger, read_metrics
 
 
 def lines(path):

@@ -9,7 +9,7 @@ import pytest
 from cada_jax.checkpoints.hf import load_params
 from cada_jax.config import LORA_TARGETS, LoRASection
 from cada_jax.models.decoder import forward, forward_jit, positions_from_mask
-from cada_jax.rl.lora import LORA_GROUPS, apply_lora, export_merged, init_lora, lora_logical_axes, merge_lora
+from cada_jax.training.lora import LORA_GROUPS, apply_lora, export_merged, init_lora, lora_logical_axes, merge_lora
 from tests.hf_reference import hf_logits, padded_batch, tiny_hf_model
 
 ALL = LoRASection(enabled=True, rank=3, alpha=6.0, targets=LORA_TARGETS)

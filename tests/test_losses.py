@@ -1,4 +1,4 @@
-"""Tests for cada_jax.rl.losses against a plain-loop numpy re-computation."""
+"""Tests for cada_jax.training.losses against a plain-loop numpy re-computation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cada_jax.rl import losses as L
-from cada_jax.rl.losses import LossConfig, policy_loss, token_entropy, token_logprobs, token_logprobs_and_entropy
+from cada_jax.training import losses as L
+from cada_jax.training.losses import LossConfig, policy_loss, token_entropy, token_logprobs, token_logprobs_and_entropy
 
 # ----------------------------------------------------------------------------- numpy reference
 

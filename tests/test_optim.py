@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cada_jax.config import OptimSection
-from cada_jax.rl.optim import TrainState, decay_mask, make_optimizer, make_schedule, make_train_step
+from cada_jax.training.optim import TrainState, decay_mask, make_optimizer, make_schedule, make_train_step
 
 TARGET = np.array([1.0, -2.0, 0.5], np.float32)
 

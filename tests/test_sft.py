@@ -16,8 +16,7 @@ import pytest
 from cada_jax.checkpoints.hf import load_params
 from cada_jax.config import load_config
 from cada_jax.models.decoder import forward_jit
-from cada_jax.rl.sft import (
-    PAUSE_ENV,
+from cada_jax.training.sft import (
     SFTDataError,
     collate,
     encode_records,
@@ -219,9 +218,9 @@ def test_sft_memorises_a_tiny_dataset(model_dir, tmp_path):
 
 
 def test_lora_with_packing_trains_and_exports_merged(model_dir, tmp_path):
-    from cada_jax.rl.checkpointing import Checkpointer
-    from cada_jax.rl.lora import init_lora, merge_lora
-    from cada_jax.rl.optim import TrainState, make_optimizer
+    from cada_jax.training.checkpointing import Checkpointer
+    from cada_jax.training.lora import init_lora, merge_lora
+    from cada_jax.training.optim import TrainState, make_optimizer
 
     cfg = load_config(None, base_overrides(model_dir, tmp_path, "lora", 8, [
         "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.targets=[q_proj, v_proj, down_proj]",
@@ -241,8 +240,9 @@ def test_lora_with_packing_trains_and_exports_merged(model_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(exported["layers"]["attn"]["k_proj"]), np.asarray(base["layers"]["attn"]["k_proj"]))
 
 
-SUBPROCESS = "import json, sys; from cada_jax.config import load_config; from cada_jax.rl.sft import train_sft; " \
-             "print('SUMMARY ' + json.dumps(train_sft(load_config(sys.argv[1]))))"
+SUBPROCESS = "import json, sys; from cada_jax.config import load_config; from cada_jax.training.sft import train_sft; " \
+             "from tests.trainer_worker import pause_after; " \
+             "print('SUMMARY ' + json.dumps(train_sft(load_config(sys.argv[1]), hooks=[pause_after(3)])))"
 
 
 def test_sigterm_then_resume_is_bit_identical(model_dir, tmp_path):
@@ -258,8 +258,7 @@ def test_sigterm_then_resume_is_bit_identical(model_dir, tmp_path):
     yaml_b = dump_yaml(cfg_b, str(tmp_path / "resumed.yaml"))
     run_b = os.path.join(str(tmp_path), "resumed")
     marker = os.path.join(run_b, ".paused_at_step_3")
-    env = dict(os.environ, **{PAUSE_ENV: "3"})
-    proc = subprocess.Popen([sys.executable, "-c", SUBPROCESS, yaml_b], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", SUBPROCESS, yaml_b], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

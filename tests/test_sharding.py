@@ -522,8 +522,8 @@ def test_trainer_state_lives_in_its_shards(trainer_runs):
 
 
 def test_bad_mesh_config_is_a_one_line_error(np_model_dir, tmp_path):
-    from cada_jax.rl.grpo import GRPOTrainer
-    from cada_jax.rl.sft import train_sft
+    from cada_jax.training.grpo import GRPOTrainer
+    from cada_jax.training.sft import train_sft
 
     base = [f"model.path={np_model_dir}", f"run.out_dir={tmp_path}", "run.progress=false", "sft.max_len=128"]
     recs = [{"prompt": "hi", "completion": "there"}] * 8

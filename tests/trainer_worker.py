@@ -10,7 +10,8 @@ run on fsdp=4 x tensor=2 (GRPO, LoRA SFT) and data=2 x fsdp=2 x tensor=2 (SFT); 
 on the default mesh of one device. Each run exports its model under OUT; the worker prints
 ``RESULT {json}`` with the per-step metrics and, on the mesh, where the trainer's arrays live. The
 test compares the two workers' exports and metrics. `grpo_overrides` / `sft_overrides` /
-`sft_records` are shared with tests/multihost_trainer_worker.py.
+`sft_records` are shared with tests/multihost_trainer_worker.py, and the training-loop hooks
+`sigterm_after` / `pause_after` with the tests that interrupt a run in a subprocess.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
+import time
 
 PROMPTS = ["abc", "hello there", "the cat", "xyz", "in a box", "one two", "red", "go home"]
 GRPO_RECORDS = [{"prompt": p} for p in PROMPTS]
@@ -50,6 +53,34 @@ def odd_token_share(prompts, completions, completion_ids, **_) -> list[float]:
     return [sum(t % 2 for t in ids) / max(len(ids), 1) for ids in completion_ids]
 
 
+def sigterm_after(step: int):
+    """A training-loop hook: this process sends itself SIGTERM right after `step` (and its
+    checkpoint), which the loop's PreemptionGuard turns into "save and return": a deterministic
+    preemption."""
+    def hook(loop):
+        if loop.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+def pause_after(step: int, timeout_s: float = 120.0):
+    """A training-loop hook: after `step` write ``<run>/.paused_at_step_<step>`` and wait at the step
+    boundary until a signal reaches the loop's PreemptionGuard (sent by the test)."""
+    def hook(loop):
+        if loop.step != step:
+            return
+        with open(os.path.join(loop.run_dir, f".paused_at_step_{step}"), "w") as f:
+            f.write(str(os.getpid()))
+        deadline = time.monotonic() + timeout_s
+        while not loop.guard.triggered:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"paused after step {step}: no signal arrived within {timeout_s:.0f} s")
+            time.sleep(0.005)
+
+    return hook
+
+
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.targets=[q_proj, v_proj, down_proj]"]
 
 
@@ -70,8 +101,8 @@ def main(out: str, model_dir: str, kind: str) -> dict:
     import numpy as np
 
     from cada_jax.config import load_config
-    from cada_jax.rl.grpo import GRPOTrainer
-    from cada_jax.rl.sft import train_sft
+    from cada_jax.training.grpo import GRPOTrainer
+    from cada_jax.training.sft import train_sft
     from cada_jax.sharding import per_device_param_bytes
 
     grpo_mesh, sft_mesh, lora_mesh = ("f4t2", "d2f2t2", "f4t2") if kind == "mesh" else ("single",) * 3

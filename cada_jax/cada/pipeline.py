@@ -78,7 +78,7 @@ def training_requests(cfg: Config, *, fresh: bool = False) -> list[dict]:
     g = cfg.generate
     lo, hi = (g.limit, 2 * g.limit) if fresh else (0, g.limit or None)
     if g.data:
-        from cada_jax.rl.grpo import read_prompt_records
+        from cada_jax.training.grpo_batch import read_prompt_records
 
         return read_prompt_records(g.data, key="generate.data")[lo:hi]
     rows = []
@@ -342,7 +342,7 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
 
     # 2. context distillation
     if "sft" in stages and "sft" not in done:
-        from cada_jax.rl.sft import train_sft
+        from cada_jax.training.sft import train_sft
 
         data = cfg.sft.data or chains
         if not os.path.isfile(data):
@@ -366,7 +366,8 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     if "rl" in stages and "rl" not in done:
         from cada_jax.cada.generate import check_records
         from cada_jax.cada.prompts import build_plain_messages
-        from cada_jax.rl.grpo import read_prompt_records, train_grpo
+        from cada_jax.training.grpo import train_grpo
+        from cada_jax.training.grpo_batch import read_prompt_records
 
         if cfg.pipeline.rl_data:
             raw = read_prompt_records(cfg.pipeline.rl_data, key="pipeline.rl_data")
@@ -378,7 +379,7 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
         else:
             raw = requests if requests is not None else training_requests(cfg)
         raw = check_records(raw, cfg.pipeline.rl_data or cfg.generate.data or "built-in train sets")
-        from cada_jax.cada.rewards import codes_for_category, codes_text_for
+        from cada_jax.cada.rewards import codes_for_category, codes_text_for  # also registers cada_safety, ...
 
         spec = pipeline_spec(cfg)
         records = []
@@ -389,8 +390,6 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
         rl = cfg.rl
         if not rl.rewards:
             rl = dataclasses.replace(rl, rewards=DEFAULT_RL_REWARDS)
-        if not rl.reward_module:
-            rl = dataclasses.replace(rl, reward_module="cada_jax.cada.rewards")
         _log(f"RL (GRPO) from {current} on {len(records)} requests, {rl.steps} steps")
         loaded.clear()
         sub = dataclasses.replace(

@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from cada_jax.rewards.format import format_reward
-from cada_jax.rl.rewards import register_reward
+from cada_jax.rewards.functions import register_reward
 
 __all__ = ["cada_safety", "cada_format", "cada_overrefusal", "cada_chain", "cada_helpful", "codes_for_category",
            "codes_text_for"]

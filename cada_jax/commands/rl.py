@@ -3,7 +3,8 @@
     cada rl CONFIG.yaml [key=value ...]
     cada rl configs/rl.yaml rl.data=prompts.jsonl rl.rewards='[{name: my_rewards:score, weight: 1.0}]'
 
-Runs (or resumes, from the newest checkpoint in the run directory) `cada_jax.rl.grpo.train_grpo`
+Runs (or resumes, from the newest checkpoint in the run directory) `cada_jax.training.grpo.train_grpo`
+with CADA's rewards (`cada_safety`, `cada_format`, `cada_chain`, ...) registered by name,
 and prints its summary as one JSON line (process 0 only in a multi-host job; every process runs the
 same command, see launch/README.md). `cada rl --describe` (or `cada config --describe`) lists every config key with its
 default.
@@ -25,7 +26,8 @@ def cmd_rl(args) -> int:
     from cada_jax.sharding import initialize_distributed, main_print
 
     initialize_distributed()  # joins a multi-host job (TPU pod, SLURM, CADA_COORDINATOR ...); no-op on one host
-    from cada_jax.rl.grpo import train_grpo
+    import cada_jax.cada.rewards  # noqa: F401  (CADA's rewards, cada_safety ..., can be named in rl.rewards)
+    from cada_jax.training.grpo import train_grpo
 
     cfg = load_config(args.config, args.overrides)
     summary = train_grpo(cfg)

@@ -3,7 +3,7 @@
     cada sft CONFIG.yaml [key=value ...]
     cada sft configs/smollm2_cpu.yaml sft.data=runs/smollm2_cpu/generate/chains.jsonl sft.steps=20
 
-Runs (or resumes, from the newest checkpoint in the run directory) `cada_jax.rl.sft.train_sft`,
+Runs (or resumes, from the newest checkpoint in the run directory) `cada_jax.training.sft.train_sft`,
 exports the model to <run dir>/final and prints its summary as one JSON line (process 0 only in a
 multi-host job; every process runs the same command, see launch/README.md).
 `cada sft --describe` (or `cada config --describe`) lists every config key with its default.
@@ -25,7 +25,7 @@ def cmd_sft(args) -> int:
     from cada_jax.sharding import initialize_distributed, main_print
 
     initialize_distributed()  # joins a multi-host job (TPU pod, SLURM, CADA_COORDINATOR ...); no-op on one host
-    from cada_jax.rl.sft import train_sft
+    from cada_jax.training.sft import train_sft
 
     summary = train_sft(load_config(args.config, args.overrides))
     main_print(json.dumps(summary, default=str))

@@ -18,37 +18,26 @@ import re
 from typing import Callable, Iterable
 
 from cada_jax.data.records import PromptRecord
+from cada_jax.registry import Registry
 
 AttackFn = Callable[[str], str]
 
-_ATTACKS: dict[str, AttackFn] = {}
+ATTACKS: Registry[AttackFn] = Registry("attack", decorator="register_attack")
 
 
 def register_attack(name: str) -> Callable[[AttackFn], AttackFn]:
     """Decorator: register a pure `prompt -> prompt` transform under `name` (names are unique)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"register_attack: name must be a non-empty str, got {name!r}")
-
-    def deco(fn: AttackFn) -> AttackFn:
-        if name in _ATTACKS:
-            raise ValueError(f"register_attack: an attack named {name!r} is already registered")
-        _ATTACKS[name] = fn
-        return fn
-
-    return deco
+    return ATTACKS.register(name)
 
 
 def available_attacks() -> list[str]:
     """Registered attack names, sorted."""
-    return sorted(_ATTACKS)
+    return ATTACKS.names()
 
 
 def get_attack(name: str) -> AttackFn:
     """The transform registered as `name`."""
-    try:
-        return _ATTACKS[name]
-    except KeyError:
-        raise ValueError(f"unknown attack {name!r}; available: {', '.join(available_attacks())}") from None
+    return ATTACKS.get(name)
 
 
 def apply_attack(name: str, prompt: str) -> str:

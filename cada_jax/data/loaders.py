@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from cada_jax.data.records import LABELS, DataFormatError, PromptRecord, format_location
+from cada_jax.registry import Registry
 
 __all__ = [
     "DataFormatError",
@@ -64,30 +65,21 @@ class DatasetUnavailableError(RuntimeError):
 
 LoaderFn = Callable[[Path | None, str | None], Iterable[PromptRecord]]
 
-_LOADERS: dict[str, LoaderFn] = {}
+LOADERS: Registry[LoaderFn] = Registry("benchmark", decorator="register_loader")
 
 
 def register_loader(name: str) -> Callable[[LoaderFn], LoaderFn]:
     """Decorator: register `fn(path, split) -> iterable of PromptRecord` under `name`.
 
     `path` is a `Path` or None (None: fetch the public copy); `split` is the loader-specific
-    selector described in this module's docstring. Registering a name twice is an error.
+    selector described in this module's docstring. Registering another function under a taken name is an error.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"register_loader: name must be a non-empty str, got {name!r}")
-
-    def deco(fn: LoaderFn) -> LoaderFn:
-        if name in _LOADERS:
-            raise ValueError(f"register_loader: a loader named {name!r} is already registered")
-        _LOADERS[name] = fn
-        return fn
-
-    return deco
+    return LOADERS.register(name)
 
 
 def available_loaders() -> list[str]:
     """Names accepted by `load_benchmark`, sorted."""
-    return sorted(_LOADERS)
+    return LOADERS.names()
 
 
 def _check_limit(limit: Any) -> int | None:
@@ -102,13 +94,12 @@ def load_benchmark(
     name: str, path: str | Path | None = None, *, limit: int | None = None, split: str | None = None
 ) -> list[PromptRecord]:
     """Load benchmark `name` from `path` (or its public hub copy when path is None) as PromptRecords."""
-    if name not in _LOADERS:
-        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(available_loaders())}")
+    load = LOADERS.get(name)
     limit = _check_limit(limit)
     p = None if path is None else Path(path)
     if p is not None and not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory; pass the path of the downloaded {name} file")
-    records = _LOADERS[name](p, split)
+    records = load(p, split)
     return list(itertools.islice(records, limit))
 
 

@@ -66,7 +66,7 @@ def find_summaries(run_dir: str | Path) -> list[tuple[str, Path, dict]]:
 
 def find_metrics(run_dir: str | Path) -> list[dict]:
     """Rows of every metrics.jsonl under `run_dir`; keys prefixed by folder when there are several."""
-    from cada_jax.rl.logging import read_metrics
+    from cada_jax.training.logging import read_metrics
 
     root = Path(run_dir)
     files = [p for p in sorted(root.rglob("metrics.jsonl")) if not _hidden(p, root)]

@@ -36,6 +36,7 @@ import dataclasses
 import inspect
 from typing import Callable, Protocol, Sequence
 
+from cada_jax.registry import Registry
 from cada_jax.rewards.chain import rule_chain_checks, rule_helpfulness
 from cada_jax.rewards.format import has_final_answer, parse_output
 from cada_jax.rewards.refusal import explain_refusal
@@ -101,43 +102,22 @@ class Judge(Protocol):
         ...
 
 
-_REGISTRY: dict[str, Callable[..., Judge]] = {}
+JUDGES: Registry[Callable[..., Judge]] = Registry("judge", decorator="register_judge")
 
 
 def register_judge(name: str) -> Callable[[Callable[..., Judge]], Callable[..., Judge]]:
     """Decorator: register a judge class (or factory function) under `name`."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"register_judge: the name must be a non-empty str, got {name!r}")
-
-    def decorator(factory: Callable[..., Judge]) -> Callable[..., Judge]:
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not factory and (
-            getattr(existing, "__qualname__", None) != getattr(factory, "__qualname__", None)
-            or getattr(existing, "__module__", None) != getattr(factory, "__module__", None)
-        ):
-            raise ValueError(
-                f"register_judge: a judge named {name!r} is already registered "
-                f"({existing.__module__}.{existing.__qualname__}); pick another name"
-            )
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
+    return JUDGES.register(name)
 
 
 def available_judges() -> list[str]:
     """Names accepted by make_judge, sorted."""
-    return sorted(_REGISTRY)
+    return JUDGES.names()
 
 
 def make_judge(name: str, **kwargs) -> Judge:
     """Build the judge registered as `name` with keyword arguments `kwargs`."""
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise ValueError(
-            f"unknown judge {name!r}; available: {', '.join(available_judges())} "
-            "(add one with @register_judge)"
-        )
+    factory = JUDGES.get(name)
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as err:

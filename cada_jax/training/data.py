@@ -23,7 +23,23 @@ from typing import Any, Callable, Sequence
 import grain
 import jax
 
-__all__ = ["prompt_dataset", "make_iterator", "iterator_state", "restore_iterator"]
+__all__ = ["prompt_dataset", "make_iterator", "iterator_state", "restore_iterator", "prompt_of"]
+
+
+def prompt_of(rec: dict, field: str, where: str, error: type[Exception]):
+    """The prompt ``rec[field]``, checked: a non-empty string, or a non-empty list of chat messages
+    (returned as fresh ``{"role", "content"}`` dicts); anything else raises `error` naming `where`."""
+    value = rec[field]
+    if isinstance(value, str):
+        if not value.strip():
+            raise error(f"{where}: field '{field}' is empty; every record needs a prompt")
+        return value
+    if isinstance(value, list) and value:
+        for j, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise error(f"{where}: {field}[{j}] must be an object with string 'role' and 'content'")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise error(f"{where}: field '{field}' must be a non-empty string or a non-empty list of chat messages")
 
 
 def prompt_dataset(

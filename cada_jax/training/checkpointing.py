@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cada_jax.config import CheckpointSection, config_changes
-from cada_jax.rl.optim import TrainState
+from cada_jax.training.optim import TrainState
 
 __all__ = ["Checkpointer", "CheckpointCorrupt", "CheckpointMismatch", "NonFiniteState", "Restored", "PreemptionGuard", "SkipStreak", "fingerprint"]
 

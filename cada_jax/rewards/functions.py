@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from cada_jax.registry import Registry
+
 __all__ = [
     "RewardError",
     "RewardFn",
@@ -56,35 +58,26 @@ __all__ = [
 ]
 
 RewardFn = Callable[..., Sequence[float]]
-_REWARDS: dict[str, RewardFn] = {}
 
 
 class RewardError(ValueError):
     """A reward function that cannot be used or failed; the message names it and the fix."""
 
 
+REWARDS: Registry[RewardFn] = Registry("reward", decorator="register_reward", listed="registered", error=RewardError,
+                                       hint="register one with @register_reward, or name it as 'module:function'")
+
+
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator registering ``fn(prompts, completions, **columns) -> list[float]`` as ``name``."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"reward name must be a non-empty string without ':', got {name!r}")
-
-    def deco(fn: RewardFn) -> RewardFn:
-        if not callable(fn):
-            raise TypeError(f"register_reward({name!r}) expects a callable, got {type(fn).__name__}")
-        existing = _REWARDS.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(
-                f"reward {name!r} is already registered (by {existing.__module__}.{existing.__qualname__}); pick another name"
-            )
-        _REWARDS[name] = fn
-        return fn
-
-    return deco
+    if isinstance(name, str) and ":" in name:
+        raise ValueError(f"register_reward: a reward name cannot contain ':' (that names 'module:function'), got {name!r}")
+    return REWARDS.register(name)
 
 
 def available_rewards() -> tuple[str, ...]:
     """Names of the registered reward functions, sorted."""
-    return tuple(sorted(_REWARDS))
+    return tuple(REWARDS.names())
 
 
 def import_reward_module(spec: str):
@@ -125,13 +118,7 @@ def get_reward(name: str) -> RewardFn:
         if not callable(fn):
             raise RewardError(f"reward {name!r}: module {module_name!r} has no function {attr!r}")
         return fn
-    try:
-        return _REWARDS[name]
-    except KeyError:
-        raise RewardError(
-            f"unknown reward {name!r}; registered: {', '.join(available_rewards())} "
-            f"(register one with @register_reward, or name it as 'module:function')"
-        ) from None
+    return REWARDS.get(name)
 
 
 def _fn_name(fn) -> str:

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import param_shapes
-from cada_jax.rl.optim import TrainState
+from cada_jax.training.optim import TrainState, make_train_step
 from cada_jax.sharding import (
     is_main_process,
     logical_shardings,
@@ -37,15 +37,30 @@ from cada_jax.sharding import (
     to_host,
 )
 
-__all__ = ["trainable_shapes", "trainable_shardings", "train_state_shardings", "create_state", "abstract_state",
-           "copy_tree", "export"]
+__all__ = ["model_config", "trainable_shapes", "trainable_shardings", "train_state_shardings", "create_state",
+           "abstract_state", "make_update", "copy_tree", "export"]
+
+
+def model_config(cfg, model_dir: str | None = None) -> tuple[str, ModelConfig]:
+    """(model directory, its ModelConfig with the run's dtype / remat / attention settings): the
+    directory is `model_dir`, else ``model.path`` resolved (a GGUF file or the bundled model is
+    converted once)."""
+    from cada_jax.checkpoints.gguf_import import resolve_model
+    from cada_jax.models.config import load_config as load_model_config
+
+    model_dir = model_dir or resolve_model(cfg.model.path, progress=cfg.run.progress)
+    model_cfg = load_model_config(model_dir).replace(
+        dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+        attention_impl=cfg.model.attention_impl,
+    )
+    return model_dir, model_cfg
 
 
 def trainable_shapes(model_cfg: ModelConfig, lora_cfg=None):
     """ShapeDtypeStructs of the trainable pytree: all parameters, or the LoRA adapters."""
     if lora_cfg is None:
         return param_shapes(model_cfg)
-    from cada_jax.rl.lora import lora_shapes
+    from cada_jax.training.lora import lora_shapes
 
     return lora_shapes(model_cfg, lora_cfg)
 
@@ -53,7 +68,7 @@ def trainable_shapes(model_cfg: ModelConfig, lora_cfg=None):
 def trainable_shardings(model_cfg: ModelConfig, mesh: Mesh, lora_cfg=None):
     if lora_cfg is None:
         return param_shardings(model_cfg, mesh)
-    from cada_jax.rl.lora import lora_logical_axes
+    from cada_jax.training.lora import lora_logical_axes
 
     return logical_shardings(lora_logical_axes(model_cfg, lora_cfg), mesh, model_cfg)
 
@@ -86,6 +101,23 @@ def abstract_state(tx, key, *, model_cfg: ModelConfig, lora_cfg, mesh: Mesh) -> 
     shapes = jax.eval_shape(lambda t, k: TrainState.create(t, tx, k), trainable_shapes(model_cfg, lora_cfg), key)
     state_sh = train_state_shardings(model_cfg, lora_cfg, mesh, tx)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+
+
+def make_update(loss, model_cfg: ModelConfig, lora_cfg, mesh: Mesh, tx):
+    """The jitted, state-donating update (`optim.make_train_step`) of ``loss(params, batch) -> (loss,
+    aux)``: over every weight, or (LoRA) over the adapters applied to the frozen base weights the
+    update receives as ``frozen``. The new state comes back in `train_state_shardings`, the metrics
+    replicated."""
+    from cada_jax.training.lora import apply_lora
+
+    if lora_cfg is None:
+        def loss_fn(params, batch, rng, frozen):
+            return loss(params, batch)
+    else:
+        def loss_fn(lora, batch, rng, frozen):
+            return loss(apply_lora(frozen, lora, lora_cfg), batch)
+    out = (train_state_shardings(model_cfg, lora_cfg, mesh, tx), replicated(mesh))
+    return make_train_step(loss_fn, out_shardings=out)
 
 
 @jax.jit

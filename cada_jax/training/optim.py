@@ -26,6 +26,7 @@ given, is ``fold_in(state.rng, state.step)``: a resumed run draws the same keys.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -36,7 +37,7 @@ import optax
 
 from cada_jax.config import OptimSection
 
-__all__ = ["TrainState", "make_schedule", "make_optimizer", "make_train_step", "decay_mask", "num_updates"]
+__all__ = ["TrainState", "make_schedule", "make_optimizer", "optimizer_for", "make_train_step", "decay_mask", "num_updates"]
 
 
 @flax.struct.dataclass
@@ -116,6 +117,18 @@ def make_optimizer(optim_cfg: OptimSection, total_steps: int) -> optax.GradientT
     if optim_cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=int(optim_cfg.grad_accum))
     return tx
+
+
+def optimizer_for(optim_cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
+    """`make_optimizer`, one object per (config, run length): the train state's treedef holds the
+    transformation, so equal configs reuse the compiled update (a resumed run in the same process
+    compiles nothing). Only the cosine schedule depends on the run length."""
+    return _cached_optimizer(optim_cfg, int(total_steps) if optim_cfg.schedule == "cosine" else 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_optimizer(optim_cfg: OptimSection, total_steps: int) -> optax.GradientTransformation:
+    return make_optimizer(optim_cfg, total_steps)
 
 
 def make_train_step(loss_fn: Callable, *, donate: bool = True, out_shardings: Any = None) -> Callable:

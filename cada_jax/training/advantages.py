@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cada_jax.registry import Registry
+
 __all__ = [
     "register_advantage",
     "get_advantage",
@@ -39,43 +41,22 @@ __all__ = [
 ]
 
 AdvantageFn = Callable[..., jax.Array]
-_ADVANTAGES: dict[str, AdvantageFn] = {}
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator", decorator="register_advantage", listed="registered")
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
     """Decorator registering ``fn(rewards_B, group_size, **opts) -> adv_B`` as the estimator ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"advantage estimator name must be a non-empty string, got {name!r}")
-
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        if not callable(fn):
-            raise TypeError(f"register_advantage({name!r}) expects a callable, got {type(fn).__name__}")
-        existing = _ADVANTAGES.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(
-                f"advantage estimator {name!r} is already registered "
-                f"(by {existing.__module__}.{existing.__qualname__}); pick another name"
-            )
-        _ADVANTAGES[name] = fn
-        return fn
-
-    return deco
+    return ADVANTAGES.register(name)
 
 
 def available_advantages() -> tuple[str, ...]:
     """Names of the registered advantage estimators, sorted."""
-    return tuple(sorted(_ADVANTAGES))
+    return tuple(ADVANTAGES.names())
 
 
 def get_advantage(name: str) -> AdvantageFn:
     """The estimator registered as ``name``; a one-line error listing the registered ones otherwise."""
-    try:
-        return _ADVANTAGES[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; registered: {', '.join(available_advantages())} "
-            f"(add one with @register_advantage)"
-        ) from None
+    return ADVANTAGES.get(name)
 
 
 def compute_advantages(name: str, rewards_B: jax.Array, group_size: int, **opts: Any) -> jax.Array:
@@ -182,7 +163,9 @@ class DynamicSampler:
     One step may use the first sampling round plus ``max_rounds`` extra ones. When they are spent
     without ``target_groups`` groups with signal, ``on_exhausted="error"`` makes ``ready`` (and
     ``take``) raise ``SamplerExhaustedError``; ``"partial"`` makes ``ready`` return True and ``take``
-    return the groups it has (possibly none). Groups left over after ``take`` are discarded by
+    return the groups it has (possibly none); ``"pad"`` (what the GRPO trainer uses, so an update
+    keeps its static shape) makes ``take`` fill the batch with the latest flat groups of the step
+    (advantage 0: they add only the KL term), which then count as padded, not dropped. Groups left over after ``take`` are discarded by
     default (they were sampled by an older policy); ``keep_surplus=True`` carries them to the next
     step instead.
     """
@@ -196,8 +179,8 @@ class DynamicSampler:
     ) -> None:
         if isinstance(max_rounds, bool) or not isinstance(max_rounds, (int, np.integer)) or max_rounds < 0:
             raise ValueError(f"max_rounds (extra sampling rounds per step) must be an int >= 0, got {max_rounds!r}")
-        if on_exhausted not in ("error", "partial"):
-            raise ValueError(f"on_exhausted must be 'error' or 'partial', got {on_exhausted!r}")
+        if on_exhausted not in ("error", "partial", "pad"):
+            raise ValueError(f"on_exhausted must be 'error', 'partial' or 'pad', got {on_exhausted!r}")
         if tol < 0:
             raise ValueError(f"tol must be >= 0, got {tol!r}")
         self.max_rounds = int(max_rounds)
@@ -205,11 +188,13 @@ class DynamicSampler:
         self.tol = float(tol)
         self.keep_surplus = bool(keep_surplus)
         self._kept: list[Any] = []
+        self._flat: list[Any] = []  # this step's zero-signal groups, kept only for on_exhausted="pad"
         self.rounds = 0  # add() calls since the last take()
         self.total_rounds = 0
         self.groups_seen = 0
         self.groups_kept = 0
-        self.groups_dropped = 0  # zero-signal groups
+        self.groups_dropped = 0  # zero-signal groups (not used as padding)
+        self.groups_padded = 0  # zero-signal groups that filled a batch (on_exhausted="pad")
         self.surplus_dropped = 0  # groups with signal discarded by take() (keep_surplus=False)
         self.partial_takes = 0
 
@@ -253,6 +238,8 @@ class DynamicSampler:
             if group_has_signal(r, r.size, self.tol)[0]:
                 self._kept.append(group)
                 kept += 1
+            elif self.on_exhausted == "pad":
+                self._flat.append(group)
         self.rounds += 1
         self.total_rounds += 1
         self.groups_seen += len(groups)
@@ -300,6 +287,13 @@ class DynamicSampler:
             )
         out = self._kept[:target_groups]
         rest = self._kept[target_groups:]
+        short = target_groups - len(out)
+        if short and self._flat:
+            pad = self._flat[max(len(self._flat) - short, 0):]
+            out += pad
+            self.groups_padded += len(pad)
+            self.groups_dropped -= len(pad)
+        self._flat = []
         if len(out) < target_groups:
             self.partial_takes += 1
         if self.keep_surplus:
@@ -318,6 +312,7 @@ class DynamicSampler:
             "groups_seen": self.groups_seen,
             "groups_kept": self.groups_kept,
             "groups_dropped": self.groups_dropped,
+            "groups_padded": self.groups_padded,
             "surplus_dropped": self.surplus_dropped,
             "partial_takes": self.partial_takes,
             "buffered": len(self._kept),

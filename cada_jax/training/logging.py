@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
-__all__ = ["MetricsLogger", "read_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "scalars"]
 
 
 def _scalar(key: str, value: Any):
@@ -34,6 +34,12 @@ def _scalar(key: str, value: Any):
         return item
     item = float(item)
     return item if math.isfinite(item) else None
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict:
+    """The metrics as plain Python scalars, sorted by key, as `MetricsLogger.log` writes them
+    (ints stay ints, non-finite floats become None; blocks on device values)."""
+    return {k: _scalar(k, metrics[k]) for k in sorted(metrics) if k != "step"}
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -108,11 +114,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Record `metrics` for `step` (blocks on device values); returns the plain dict written."""
-        row = {"step": int(step)}
-        for k in sorted(metrics):
-            if k == "step":
-                continue
-            row[k] = _scalar(k, metrics[k])
+        row = {"step": int(step), **scalars(metrics)}
         if not self.enabled:
             return row
         self._file.write(json.dumps(row) + "\n")

@@ -25,14 +25,14 @@ knows padding masks.
 Loss: mean negative log-likelihood over all weighted tokens of the batch (token-level mean, so a
 long completion weighs by its length, as in context-distillation SFT).
 
-`train_sft(cfg)` runs the loop: resolved config to ``<run>/config.yaml``; automatic resume from the
-newest complete checkpoint in ``checkpoint.dir`` (train state + data iterator position); metrics to
-``<run>/metrics.jsonl``, TensorBoard and a progress bar; SIGTERM/SIGINT save a checkpoint and
-return at the next step boundary; at the end the model (LoRA merged in) is written as a HF
-directory to ``<run>/final``.
+`train_sft(cfg)` runs `SFTTask` in the training loop (`cada_jax.training.loop`): resolved config
+to ``<run>/config.yaml``; automatic resume from the newest complete checkpoint in
+``checkpoint.dir`` (train state + data iterator position); metrics to ``<run>/metrics.jsonl``,
+TensorBoard and a progress bar; SIGTERM/SIGINT save a checkpoint and return at the next step
+boundary; at the end the model (LoRA merged in) is written as a HF directory to ``<run>/final``.
 
 Devices: the config's ``mesh`` section lays the run out over every device of every process
-(`cada_jax.rl.placement`): weights and LoRA base in their `param_shardings`, the train state in
+(`cada_jax.training.placement`): weights and LoRA base in their `param_shardings`, the train state in
 `train_state_shardings` (the update's ``out_shardings``), each batch split over data x fsdp. The
 default on one device is a 1x1x1 mesh: plain single-device jit. With several processes the grain
 pipeline is sharded: a process loads only the rows of its devices (`sharding.data_shard`; its
@@ -48,37 +48,28 @@ import dataclasses
 import functools
 import math
 import os
-import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cada_jax.config import Config, ConfigError, dump_yaml, to_dict
+from cada_jax.config import Config, ConfigError, to_dict
+from cada_jax.files import read_jsonl_objects
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import Decoder
-from cada_jax.files import atomic_write_json, read_jsonl_objects, run_lock
-from cada_jax.rl.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume, records_digest
-from cada_jax.rl.data import iterator_state, make_iterator, prompt_dataset, restore_iterator
-from cada_jax.rl.logging import MetricsLogger
-from cada_jax.rl.losses import token_logprobs
-from cada_jax.rl import placement
-from cada_jax.rl.lora import apply_lora, init_lora, merge_lora
-from cada_jax.rl.optim import make_optimizer, make_schedule, make_train_step
-from cada_jax.sharding import (
-    data_shard,
-    is_main_process,
-    mesh_from_config,
-    param_shardings,
-    place_process_rows,
-    replicated,
-    shard_params,
-    to_host,
-)
+from cada_jax.sharding import data_shard, mesh_from_config, place_process_rows, to_host
+from cada_jax.training import placement
+from cada_jax.training.checkpointing import Checkpointer, records_digest
+from cada_jax.training.data import make_iterator, prompt_dataset, prompt_of
+from cada_jax.training.loop import Hook, Trainer, start_state
+from cada_jax.training.losses import token_logprobs
+from cada_jax.training.lora import merge_lora
+from cada_jax.training.optim import make_schedule, optimizer_for
 
 __all__ = [
     "Example",
+    "SFTDataError",
     "read_records",
     "encode_records",
     "pack_examples",
@@ -86,13 +77,10 @@ __all__ = [
     "collate",
     "segment_forward",
     "sft_loss",
+    "sft_update",
+    "SFTTask",
     "train_sft",
-    "PAUSE_ENV",
 ]
-
-# Test-only hook: after this step the trainer writes <run>/.paused_at_step_<n> and waits (at the
-# step boundary) until a signal reaches its PreemptionGuard; then it saves and returns as usual.
-PAUSE_ENV = "CADA_JAX_TEST_PAUSE_AT_STEP"
 
 
 class SFTDataError(ValueError):
@@ -134,17 +122,8 @@ def _messages(rec: dict, prompt_field: str, where: str) -> list[dict]:
         field = "prompt"
     else:
         raise SFTDataError(f"{where}: missing field '{prompt_field}' (or 'prompt'); set sft.prompt_field to the prompt's field name")
-    value = rec[field]
-    if isinstance(value, str):
-        if not value.strip():
-            raise SFTDataError(f"{where}: field '{field}' is empty; every record needs a prompt")
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value:
-        for j, m in enumerate(value):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise SFTDataError(f"{where}: {field}[{j}] must be an object with string 'role' and 'content'")
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise SFTDataError(f"{where}: field '{field}' must be a non-empty string or a non-empty list of chat messages")
+    prompt = prompt_of(rec, field, where, SFTDataError)
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 def encode_records(records: Sequence[dict], tokenizer, *, prompt_field: str = "prompt_messages",
@@ -298,42 +277,11 @@ def sft_loss(params, batch: dict, *, cfg: ModelConfig):
 # ----------------------------------------------------------------------------- trainer
 
 
-def _model_dir_and_config(cfg: Config):
-    from cada_jax.checkpoints.gguf_import import resolve_model
-    from cada_jax.models.config import load_config as load_model_config
-
-    model_dir = resolve_model(cfg.model.path, progress=cfg.run.progress)
-    model_cfg = load_model_config(model_dir).replace(
-        dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-        attention_impl=cfg.model.attention_impl,
-    )
-    return model_dir, model_cfg
-
-
-def _optimizer(optim_cfg, total_steps: int):
-    """One optax transformation per (config, length): the train state's treedef holds it, so equal
-    configs reuse the compiled step (a resumed run in the same process compiles nothing). Only the
-    cosine schedule depends on the run length."""
-    return _optimizer_cached(optim_cfg, total_steps if optim_cfg.schedule == "cosine" else 0)
-
-
 @functools.lru_cache(maxsize=8)
-def _optimizer_cached(optim_cfg, total_steps: int):
-    return make_optimizer(optim_cfg, total_steps)
-
-
-@functools.lru_cache(maxsize=8)
-def _train_step(model_cfg: ModelConfig, lora_cfg, mesh, tx):
+def sft_update(model_cfg: ModelConfig, lora_cfg, mesh, tx):
     """The jitted SFT update for a model config (and LoRA config, or None for full fine-tuning);
     the new state comes back in `placement.train_state_shardings`, the metrics replicated."""
-    if lora_cfg is None:
-        def loss_fn(params, batch, rng, frozen):
-            return sft_loss(params, batch, cfg=model_cfg)
-    else:
-        def loss_fn(lora, batch, rng, frozen):
-            return sft_loss(apply_lora(frozen, lora, lora_cfg), batch, cfg=model_cfg)
-    out = (placement.train_state_shardings(model_cfg, lora_cfg, mesh, tx), replicated(mesh))
-    return make_train_step(loss_fn, out_shardings=out)
+    return placement.make_update(functools.partial(sft_loss, cfg=model_cfg), model_cfg, lora_cfg, mesh, tx)
 
 
 def _agree_max(n: int) -> int:
@@ -345,165 +293,114 @@ def _agree_max(n: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int32(n))))
 
 
-def _pause_for_test(step: int, guard: PreemptionGuard, run_dir: str) -> None:
-    want = os.environ.get(PAUSE_ENV)
-    if not want or int(want) != step:
-        return
-    marker = os.path.join(run_dir, f".paused_at_step_{step}")
-    with open(marker, "w") as f:
-        f.write(str(os.getpid()))
-    deadline = time.monotonic() + 120.0
-    while not guard.triggered:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{PAUSE_ENV}={want}: no signal arrived within 120 s")
-        time.sleep(0.005)
+class SFTTask:
+    """SFT as a `loop.Task`: the examples, the train state (resumed or fresh) and the step.
+
+    Building it checks the config against the model and the mesh, reads and tokenises the records,
+    and restores the newest checkpoint of the run (`loop.start_state`)."""
+
+    name = "SFT"
+    show_keys = ("loss", "accuracy", "lr")
+    resumable_errors = ()
+    resume_hint = ""
+
+    def __init__(self, cfg: Config, records: Sequence[dict] | None = None):
+        sft = self.sft = cfg.sft
+        self.cfg = cfg
+        if sft.max_len > cfg.model.max_seq_len:
+            raise ConfigError(f"sft.max_len={sft.max_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower sft.max_len or raise model.max_seq_len")
+        run_dir = os.path.abspath(cfg.run.dir)
+        os.makedirs(run_dir, exist_ok=True)
+
+        from cada_jax.tokenizer import Tokenizer
+
+        self.model_dir, self.model_cfg = placement.model_config(cfg)
+        if sft.max_len > self.model_cfg.max_position_embeddings:
+            raise ConfigError(
+                f"sft.max_len={sft.max_len} exceeds the model's max_position_embeddings={self.model_cfg.max_position_embeddings} ({self.model_dir}/config.json)"
+            )
+        self.mesh = mesh_from_config(cfg.mesh, self.model_cfg)
+        rows_split = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if sft.batch_size % rows_split:
+            raise ConfigError(
+                f"sft.batch_size={sft.batch_size} rows cannot be split over mesh data*fsdp = {rows_split} devices; "
+                f"use a multiple of {rows_split}"
+            )
+        shard, n_shards = data_shard(self.mesh)  # this process loads slice `shard` of `n_shards` of every batch
+        source = sft.data or "records"
+        if records is None:
+            records = read_records(sft.data)
+        self.examples, self.dropped = encode_records(records, Tokenizer(self.model_dir), prompt_field=sft.prompt_field,
+                                                     completion_field=sft.completion_field, max_len=sft.max_len,
+                                                     drop_long=sft.drop_long, source=source)
+
+        # Rows of example indices; for unpacked rows the padded length is chosen per batch.
+        if sft.packing:
+            self.rows = pack_examples(self.examples, sft.max_len, sft.seed)
+            self.buckets = (sft.max_len,)
+        else:
+            self.rows = [[i] for i in range(len(self.examples))]
+            self.buckets = tuple(sft.length_buckets) or default_buckets(sft.max_len)
+        if len(self.rows) < sft.batch_size:
+            raise ConfigError(f"{source}: {len(self.rows)} rows cannot fill one batch of sft.batch_size={sft.batch_size}; lower it or add data")
+        self.total_steps = sft.steps or max(1, math.ceil(sft.epochs * len(self.rows) / sft.batch_size))
+        ds = prompt_dataset(self.rows, seed=sft.seed, shuffle=True, num_epochs=None, batch_size=sft.batch_size // n_shards,
+                            name=source, process_index=shard, process_count=n_shards)
+        self.iterator = make_iterator(ds)
+
+        lora_key, state_key = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
+        tx = optimizer_for(cfg.optim, self.total_steps)
+        self.schedule = make_schedule(cfg.optim, self.total_steps)
+        self.lora_cfg = cfg.lora if cfg.lora.enabled else None
+        self._update = sft_update(self.model_cfg, self.lora_cfg, self.mesh, tx)
+        self.ckpt = Checkpointer.from_config(cfg.checkpoint, run_dir)
+        self.data_digest = records_digest(records)
+        start = start_state(cfg, self.ckpt, self.iterator, tx, lora_key=lora_key, state_key=state_key,
+                            model_dir=self.model_dir, model_cfg=self.model_cfg, mesh=self.mesh,
+                            data_digest=self.data_digest, data_key="sft.data")
+        self.state, self.step, self.frozen = start.state, start.step, start.frozen
+        self.shapes: set[int] = set()
+        self.losses = (None, None)  # (first, last) logged loss of this invocation
+
+    def train_step(self, log_now: bool) -> dict | None:
+        """One update on the next batch, padded to the smallest bucket that fits its longest row
+        (agreed over processes); host metrics only on logged steps (no device sync otherwise)."""
+        batch_rows = next(self.iterator)
+        longest = _agree_max(max(_row_slots(self.examples, r) for r in batch_rows))
+        length = next(b for b in self.buckets if b >= longest)
+        self.shapes.add(length)
+        batch = place_process_rows(collate(self.examples, batch_rows, length), self.mesh, self.sft.batch_size)
+        self.state, metrics = self._update(self.state, batch, None, self.frozen)
+        self.step += 1
+        if not log_now:
+            return None
+        return dict(jax.tree.map(to_host, metrics), lr=self.schedule((self.step - 1) // self.cfg.optim.grad_accum))
+
+    def meta(self) -> dict:
+        return {"total_steps": self.total_steps, "examples": len(self.examples), "rows": len(self.rows),
+                "model_dir": self.model_dir, "config": to_dict(self.cfg), "data_sha256": self.data_digest}
+
+    def observe(self, metrics: dict) -> None:
+        self.losses = (metrics["loss"] if self.losses[0] is None else self.losses[0], metrics["loss"])
+
+    def describe(self) -> dict:
+        return {"examples": len(self.examples), "dropped": self.dropped, "rows": len(self.rows),
+                "first_loss": self.losses[0], "last_loss": self.losses[1], "padded_lengths": sorted(self.shapes)}
+
+    def export(self, out_dir: str) -> str:
+        """Write the model (LoRA merged) as a HF directory (process 0 writes; every process calls this)."""
+        params = self.state.params if self.lora_cfg is None else merge_lora(self.frozen, self.state.params, self.lora_cfg)
+        return placement.export(params, self.model_cfg, out_dir, tokenizer_dir=self.model_dir,
+                                dtype=self.cfg.model.param_dtype)
+
+    def close(self) -> None:
+        pass
 
 
-def train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
+def train_sft(cfg: Config, records: Sequence[dict] | None = None, *, hooks: Sequence[Hook] = ()) -> dict:
     """Run (or resume) SFT as configured; returns a summary dict (see the module doc).
 
-    The run folder is locked for the duration: a second run in it is refused."""
-    with run_lock(os.path.abspath(cfg.run.dir), enabled=is_main_process()):
-        return _train_sft(cfg, records)
-
-
-def _train_sft(cfg: Config, records: Sequence[dict] | None = None) -> dict:
-    sft, run = cfg.sft, cfg.run
-    if sft.max_len > cfg.model.max_seq_len:
-        raise ConfigError(f"sft.max_len={sft.max_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower sft.max_len or raise model.max_seq_len")
-    run_dir = os.path.abspath(run.dir)
-    os.makedirs(run_dir, exist_ok=True)
-
-    from cada_jax.tokenizer import Tokenizer
-
-    model_dir, model_cfg = _model_dir_and_config(cfg)
-    if sft.max_len > model_cfg.max_position_embeddings:
-        raise ConfigError(
-            f"sft.max_len={sft.max_len} exceeds the model's max_position_embeddings={model_cfg.max_position_embeddings} ({model_dir}/config.json)"
-        )
-    mesh = mesh_from_config(cfg.mesh, model_cfg)
-    rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
-    if sft.batch_size % rows_split:
-        raise ConfigError(
-            f"sft.batch_size={sft.batch_size} rows cannot be split over mesh data*fsdp = {rows_split} devices; "
-            f"use a multiple of {rows_split}"
-        )
-    shard, n_shards = data_shard(mesh)  # this process loads slice `shard` of `n_shards` of every batch
-    tokenizer = Tokenizer(model_dir)
-    source = sft.data or "records"
-    if records is None:
-        records = read_records(sft.data)
-    examples, dropped = encode_records(records, tokenizer, prompt_field=sft.prompt_field, completion_field=sft.completion_field,
-                                       max_len=sft.max_len, drop_long=sft.drop_long, source=source)
-
-    # Rows of example indices; for unpacked rows the padded length is chosen per batch.
-    if sft.packing:
-        rows = pack_examples(examples, sft.max_len, sft.seed)
-        buckets = (sft.max_len,)
-    else:
-        rows = [[i] for i in range(len(examples))]
-        buckets = tuple(sft.length_buckets) or default_buckets(sft.max_len)
-    if len(rows) < sft.batch_size:
-        raise ConfigError(f"{source}: {len(rows)} rows cannot fill one batch of sft.batch_size={sft.batch_size}; lower it or add data")
-    total_steps = sft.steps or max(1, math.ceil(sft.epochs * len(rows) / sft.batch_size))
-
-    ds = prompt_dataset(rows, seed=sft.seed, shuffle=True, num_epochs=None, batch_size=sft.batch_size // n_shards,
-                        name=source, process_index=shard, process_count=n_shards)
-    it = make_iterator(ds)
-
-    root = jax.random.PRNGKey(run.seed)
-    lora_key, state_key = jax.random.split(root)
-    tx = _optimizer(cfg.optim, total_steps)
-    schedule = make_schedule(cfg.optim, total_steps)
-    lora_cfg = cfg.lora if cfg.lora.enabled else None
-    train_step = _train_step(model_cfg, lora_cfg, mesh, tx)
-
-    # Resuming builds the state only abstractly and reads the arrays straight from the
-    # checkpoint, so a full fine-tune never holds two copies of the weights.
-    ckpt = Checkpointer.from_config(cfg.checkpoint, run_dir)
-    where = dict(model_cfg=model_cfg, lora_cfg=lora_cfg, mesh=mesh)
-    restored = None
-    if ckpt.latest_step() is not None:  # the newest healthy checkpoint (damaged ones are set aside)
-        restored = ckpt.restore_latest(placement.abstract_state(tx, state_key, **where))
-    resuming = restored is not None
-    base = None
-    if lora_cfg is not None or not resuming:
-        from cada_jax.checkpoints.hf import load_params
-
-        base, _ = load_params(model_dir, model_cfg, shardings=param_shardings(model_cfg, mesh))
-    trainable = None
-    if lora_cfg is not None:
-        if not resuming:
-            trainable = shard_params(init_lora(base, model_cfg, lora_cfg, lora_key),
-                                     placement.trainable_shardings(model_cfg, mesh, lora_cfg))
-    elif not resuming:
-        trainable = base  # its buffers are donated to the first update: `base` is not used again
-    frozen = base if lora_cfg is not None else None
-    del base
-    start = 0
-    digest = records_digest(records)
-    if resuming:
-        check_resume(restored.meta, to_dict(cfg), digest, run_dir=run_dir, data_key="sft.data")
-        state, start = restored.state, restored.step
-        if int(state.step) != start:
-            raise ValueError(f"{ckpt.directory}/{start}: saved state.step={int(state.step)} differs from the checkpoint step; the checkpoint is corrupt")
-        restore_iterator(it, restored.data_state, source=f"{ckpt.directory}/{start}")
-    else:
-        state = placement.create_state(trainable, tx, state_key, **where)
-    del trainable
-    if is_main_process():  # only now: a refused resume leaves the run folder's config.yaml as it was
-        dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
-    meta = {"total_steps": total_steps, "examples": len(examples), "rows": len(rows), "model_dir": model_dir,
-            "config": to_dict(cfg), "data_sha256": digest}
-
-    summary: dict[str, Any] = {
-        "run_dir": run_dir, "total_steps": total_steps, "resumed_from": start, "examples": len(examples),
-        "dropped": dropped, "rows": len(rows), "preempted": False, "skipped": 0, "first_loss": None,
-        "last_loss": None, "export_dir": None,
-    }
-    shapes: set[int] = set()
-    streak = SkipStreak(cfg.optim.max_skipped_in_a_row)
-    step = start
-    logger = MetricsLogger(run_dir, total_steps, resume_step=start, show_keys=("loss", "accuracy", "lr"),
-                           progress=run.progress)
-    try:
-        with PreemptionGuard() as guard:
-            while step < total_steps:
-                batch_rows = next(it)
-                longest = _agree_max(max(_row_slots(examples, r) for r in batch_rows))
-                length = next(b for b in buckets if b >= longest)
-                shapes.add(length)
-                batch = place_process_rows(collate(examples, batch_rows, length), mesh, sft.batch_size)
-                state, metrics = train_step(state, batch, None, frozen)
-                step += 1
-                if step % run.log_every == 0 or step == total_steps:
-                    metrics = dict(jax.tree.map(to_host, metrics), lr=schedule((step - 1) // cfg.optim.grad_accum))
-                    row = logger.log(step, metrics)
-                    summary["first_loss"] = row["loss"] if summary["first_loss"] is None else summary["first_loss"]
-                    summary["last_loss"] = row["loss"]
-                    summary["skipped"] += int(row["skipped"])
-                    streak.update(step, int(row["skipped"]))
-                ckpt.save(step, state, iterator_state(it), meta)
-                _pause_for_test(step, guard, run_dir)
-                if step < total_steps and guard.should_stop():
-                    ckpt.save(step, state, iterator_state(it), meta, force=True)
-                    summary["preempted"] = True
-                    break
-            if not summary["preempted"]:
-                ckpt.save(step, state, iterator_state(it), meta, force=True)
-        ckpt.wait()
-    finally:
-        logger.close()
-        ckpt.close()
-    summary["steps"] = step
-    summary["padded_lengths"] = sorted(shapes)
-    if summary["preempted"]:
-        return summary
-
-    final_dir = os.path.join(run_dir, "final")
-    params = state.params if lora_cfg is None else merge_lora(frozen, state.params, cfg.lora)
-    placement.export(params, model_cfg, final_dir, tokenizer_dir=model_dir, dtype=cfg.model.param_dtype)
-    summary["export_dir"] = final_dir
-    if is_main_process():
-        atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
-    return summary
+    The run folder is locked for the duration: a second run in it is refused. `hooks` run after
+    every step (`loop.Trainer`)."""
+    with Trainer(cfg, hooks=hooks) as loop:
+        return loop.run(SFTTask(cfg, records))

@@ -43,6 +43,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from cada_jax.registry import Registry
+
 __all__ = [
     "LossConfig",
     "register_loss",
@@ -59,43 +61,22 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
 
 AggregateFn = Callable[[jax.Array, jax.Array, "LossConfig"], jax.Array]
-_LOSSES: dict[str, AggregateFn] = {}
+LOSSES: Registry[AggregateFn] = Registry("loss", decorator="register_loss", listed="registered losses")
 
 
 def register_loss(name: str) -> Callable[[AggregateFn], AggregateFn]:
     """Decorator registering an aggregation ``fn(per_token_BT, mask_BT, cfg) -> scalar`` as ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"loss name must be a non-empty string, got {name!r}")
-
-    def deco(fn: AggregateFn) -> AggregateFn:
-        if not callable(fn):
-            raise TypeError(f"register_loss({name!r}) expects a callable, got {type(fn).__name__}")
-        existing = _LOSSES.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(
-                f"loss {name!r} is already registered (by {existing.__module__}.{existing.__qualname__}); "
-                f"pick another name"
-            )
-        _LOSSES[name] = fn
-        return fn
-
-    return deco
+    return LOSSES.register(name)
 
 
 def available_losses() -> tuple[str, ...]:
     """Names of the registered loss aggregations, sorted."""
-    return tuple(sorted(_LOSSES))
+    return tuple(LOSSES.names())
 
 
 def get_loss(name: str) -> AggregateFn:
     """The aggregation registered as ``name``; a one-line error listing the registered ones otherwise."""
-    try:
-        return _LOSSES[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown loss {name!r}; registered losses: {', '.join(available_losses())} "
-            f"(add one with @register_loss)"
-        ) from None
+    return LOSSES.get(name)
 
 
 @dataclasses.dataclass(frozen=True)
