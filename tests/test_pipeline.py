@@ -317,13 +317,17 @@ def test_precedent_grounded_chains_with_a_fake_sampler():
     assert [r["source"] for r in out["records"]] == ["precedent", "precedent+model", "plain+model"]
     assert lookalike["prompt_messages"][-1]["content"].startswith(records[1]["prompt"])
     assert out["kept"] == 3 and out["kept_from_precedent"] == 2 and out["reasoning"] == "template"
-    with pytest.raises(GenerateError, match="variant=cases"):
-        generate_chains(None, FakeSampler(), records, variant="simple", reasoning="template", progress=False)
+    # the other variants' templates: the same answers, a reasoning citing what that variant shows
+    simple = generate_chains(None, FakeSampler(), records, variant="simple", n=2, sampling=SamplingParams(max_new_tokens=8),
+                             spec=spec, k=2, reasoning="template", progress=False)["records"]
+    assert [parse_output(r["completion"]).answer for r in simple] == [h.answer, l.answer, p.answer]
+    assert parse_output(simple[0]["completion"]).reasoning == (
+        "Helping here would go against Prevent serious harm (C1) and Dual use (C3), so I decline.")
 
 
 def test_precedent_reasoning_config_checks():
-    with pytest.raises(Exception, match="generate.reasoning.*variant=cases"):
-        load_config(None, ["generate.reasoning=template", "generate.variant=simple"])
+    # every variant has a template (the ablation trains all four on CPU)
+    assert load_config(None, ["generate.reasoning=template", "generate.variant=simple"]).generate.variant == "simple"
     with pytest.raises(Exception, match="generate.reasoning.*scaffold"):
         load_config(None, ["generate.reasoning=template", "generate.scaffold=true"])
     with pytest.raises(Exception, match="generate.reasoning"):
