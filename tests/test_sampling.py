@@ -163,7 +163,7 @@ def test_bf16_cache(tiny):
 
 
 def test_logprobs_over_several_key_blocks(tiny):
-    """70 new tokens: the decode loop's keys span several blocks of slots (decoder.chunk_keys), and
+    """70 new tokens: the decode loop's keys span several blocks of slots (unrolled.chunk_keys), and
     the samples keep matching a full forward pass's log-softmax."""
     params, cfg, tok, _ = tiny
     sampler = Sampler(cfg, tok)
