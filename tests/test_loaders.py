@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cada_jax.data import loaders
-from cada_jax.data.loaders import (
-    DataFormatError,
-    DatasetUnavailableError,
-    available_loaders,
-    load_benchmark,
-    load_prompt_file,
-    register_loader,
-)
+from cada_jax.data import loaders, readers
+from cada_jax.data.loaders import available_loaders, load_benchmark, register_loader
+from cada_jax.data.readers import DataFormatError, DatasetUnavailableError, load_prompt_file
 from cada_jax.data.records import PromptRecord
 
 FIX = Path(__file__).parent / "fixtures" / "benchmarks"
@@ -206,11 +200,11 @@ def test_hub_fallback_reads_rows_and_names_hub_id(monkeypatch):
             ]
         )
 
-    monkeypatch.setattr(loaders, "_hub_load", fake)
+    monkeypatch.setattr(readers, "_hub_load", fake)
     recs = load_benchmark("xstest")
     assert calls == [("walledai/XSTest", None, "test")]
     assert [r.label for r in recs] == ["benign", "harmful"]
-    monkeypatch.setattr(loaders, "_hub_load", lambda h, c, s: _FakeHubDataset([{"question": "q", "answer": "x"}]))
+    monkeypatch.setattr(readers, "_hub_load", lambda h, c, s: _FakeHubDataset([{"question": "q", "answer": "x"}]))
     with pytest.raises(DataFormatError, match=r"hub:openai/gsm8k/main\[test\]:1:answer: no '#### <number>'"):
         load_benchmark("gsm8k")
 
@@ -219,7 +213,7 @@ def test_hub_unreachable_asks_for_a_local_path(monkeypatch):
     def offline(hub_id, config, split):
         raise ConnectionError("Couldn't reach the hub\nsecond line")
 
-    monkeypatch.setattr(loaders, "_hub_load", offline)
+    monkeypatch.setattr(readers, "_hub_load", offline)
     with pytest.raises(DatasetUnavailableError) as info:
         load_benchmark("jailbreakbench", split="benign")
     msg = str(info.value)

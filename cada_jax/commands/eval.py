@@ -82,7 +82,7 @@ def records_from_args(args, *, allow_prompts: bool = True):
             raise ValueError("give either --prompts FILE --label L or --suite NAME [--data PATH], not both")
         if getattr(args, "label", None) is None:
             raise ValueError("--prompts needs --label harmful or --label benign")
-        from cada_jax.data.loaders import load_prompt_file
+        from cada_jax.data.readers import load_prompt_file
 
         records = load_prompt_file(prompts, label=args.label, field=args.field, limit=args.limit,
                                    category_field=getattr(args, "category_field", None))
