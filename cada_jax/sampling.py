@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import forward, init_cache
 from cada_jax.models.layers import rope_tables
 from cada_jax.models.unrolled import chunk_keys, key_chunk, per_layer_weights, split_layers
-from cada_jax.sharding import shard_params, to_host
+from cada_jax.sharding import place_rows, shard_params, to_host
 from cada_jax.tokenizer import Tokenizer, bucket, length_bucket
 
 
@@ -96,20 +96,6 @@ class SampleOutput:
     @property
     def group_index(self) -> np.ndarray:
         return np.repeat(np.arange(len(self.prompt_ids)), self.n)
-
-    def padded(self, length: int | None = None, pad_id: int = 0):
-        """(tokens [S, T] int32, logprobs [S, T] f32, mask [S, T] int32), right-padded."""
-        T = length or max(1, int(self.lengths.max(initial=1)))
-        S = len(self.completion_ids)
-        tok = np.full((S, T), pad_id, np.int32)
-        lp = np.zeros((S, T), np.float32)
-        mask = np.zeros((S, T), np.int32)
-        for i, (c, l) in enumerate(zip(self.completion_ids, self.logprobs)):
-            c = c[:T]
-            tok[i, : len(c)] = c
-            lp[i, : len(c)] = l[: len(c)]
-            mask[i, : len(c)] = 1
-        return tok, lp, mask
 
 
 # --------------------------------------------------------------------------- device programs
@@ -203,11 +189,6 @@ def _filter_logits(logits_BV, temperature, top_k: int, use_top_p: bool, top_p):
         cutoff = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
         x = jnp.where(x < cutoff, neg, x)
     return x
-
-
-def _categorical(keys_S, weights_SV, block: int = 256):
-    """`_categorical_vocab_major` for row-major weights [S, V]."""
-    return _categorical_vocab_major(keys_S, jnp.swapaxes(weights_SV, 0, 1), block)
 
 
 def _categorical_vocab_major(keys_S, weights_VS, block: int = 256):
@@ -545,12 +526,5 @@ class Sampler:
         return ids[:lo], lp[:lo], True
 
     def _place(self, x):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.axis_names)
-        size = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
-        spec = P(axes) if axes and x.shape[0] % size == 0 else P()
-        sharding = NamedSharding(self.mesh, spec)
-        return shard_params(x, sharding) if jax.process_count() > 1 else jax.device_put(x, sharding)
+        """A host batch array on the mesh as the trainers place theirs (`sharding.place_rows`)."""
+        return jnp.asarray(x) if self.mesh is None else place_rows(x, self.mesh)
