@@ -38,7 +38,7 @@ def _trained(specs) -> dict[str, str]:
 
 def cmd_ablate(args) -> int:
     from cada_jax.eval.ablation import DEFAULT_ABLATION_ATTACKS, ablate
-    from cada_jax.eval.runner import check_variant
+    from cada_jax.eval.suites import check_variant
 
     variants = tuple(args.variants)
     for v in variants:
