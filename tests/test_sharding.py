@@ -36,10 +36,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cada_jax.config import ConfigError, load_config
-from cada_jax.models.config import ModelConfig
-from cada_jax.models.decoder import param_logical_axes, param_shapes
 from cada_jax.distributed import detect_cluster, initialize_distributed, main_print
 from cada_jax.memory import memory_estimate
+from cada_jax.models.config import ModelConfig
+from cada_jax.models.decoder import param_logical_axes, param_shapes
 from cada_jax.sharding import (
     LOGICAL_RULES,
     MeshConfig,
