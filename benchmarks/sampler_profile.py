@@ -24,7 +24,7 @@ import numpy as np
 
 
 def classify(op_name: str) -> str:
-    """Class of an op from its `op_name`: the unrolled CPU path names its scopes (decoder._layer_fm)."""
+    """Class of an op from its `op_name`: the unrolled CPU path names its scopes (models/unrolled.py, _layer_fm)."""
     if "/attention/" in op_name:
         return "attention"
     if any(k in op_name for k in ("/projections/", "/mlp/", "/lm_head/")):

@@ -12,23 +12,34 @@ needs; range checks live in each section's ``__post_init__``. ``dump_yaml`` writ
 config into the run directory (atomically), and loading that file gives back an equal `Config`.
 
 Adding a section (``rl``, ``sampling``, ``judge``, ``mesh``, ``pipeline`` ...): define a frozen
-dataclass here whose fields are built with `_f` (default + doc), then add it as a field of
-`Config` with ``default_factory``. The loader, the overrides, `to_dict` and `describe` are generic
-over nested dataclasses, so nothing else changes. Supported field types: bool, int, float, str,
+dataclass here whose fields are built with `_f` (`typed_yaml.doc_field`: default + doc), then add
+it as a field of `Config` with ``default_factory``. The loader, the overrides, `to_dict` and
+`describe` are generic over nested dataclasses (`cada_jax.typed_yaml`), so nothing else changes. Supported field types: bool, int, float, str,
 ``Literal[...]``, ``X | None``, ``tuple[X, ...]`` and nested sections.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
+import json
 import os
-import types
-import typing
 from typing import Any, Iterable, Literal
 
 import yaml
+
+from cada_jax.typed_yaml import (
+    ConfigError,
+    build,
+    dotted_set,
+    field_types,
+    parse_override,
+    read_yaml,
+    to_dict,
+)
+from cada_jax.typed_yaml import all_keys as _all_keys
+from cada_jax.typed_yaml import check as _check
+from cada_jax.typed_yaml import describe as _describe
+from cada_jax.typed_yaml import doc_field as _f
 
 __all__ = [
     "ConfigError",
@@ -57,22 +68,6 @@ __all__ = [
     "config_changes",
     "all_keys",
 ]
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file or override, the key and the fix."""
-
-
-def _f(default: Any, doc: str):
-    """A dataclass field with a default and a one-line doc."""
-    if dataclasses.is_dataclass(default) and isinstance(default, type):
-        return dataclasses.field(default_factory=default, metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -403,175 +398,19 @@ class Config:
         _check_rl_fresh(self)
 
 
-# ----------------------------------------------------------------------------- generic machinery
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls, include_extras=False)
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        inner = [a for a in args if a is not type(None)]
-        return " or ".join(_type_name(a) for a in inner) + (" or null" if len(inner) < len(args) else "")
-    if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
+# ----------------------------------------------------------------------------- loading, overrides, describe
+# (the generic machinery is cada_jax.typed_yaml; these bind it to `Config`)
 
 
 def all_keys(cls=Config, prefix: str = "") -> list[str]:
     """Every dotted key of `cls` (sections and leaves)."""
-    out = []
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        out.append(key)
-        tp = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            out += all_keys(tp, key + ".")
-    return out
+    return _all_keys(cls, prefix)
 
 
-def _suggest(key: str, cls) -> str:
-    keys = all_keys(cls)
-    leaf = key.rsplit(".", 1)[-1]
-    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != key][:1]  # right name, wrong section
-    if not close:
-        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    if not close:
-        leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
-        near = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.6)
-        close = [leaves[near[0]]] if near else []
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid top-level keys: {', '.join(f.name for f in dataclasses.fields(cls))})"
-
-
-def _coerce(value: Any, tp, key: str, where: str):
-    def bad():
-        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-        return ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {type(value).__name__} {shown}")
-
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad()
-        return _build(tp, value, key + ".", where)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value in allowed and type(value) is type(allowed[0]):
-            return value
-        near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}{hint}")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise bad()
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise bad()
-        return tuple(_coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad()
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # PyYAML reads '1e-5' (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise bad()
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}: {key}: must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        raise bad()
-    raise ConfigError(f"{key}: field type {tp!r} is not supported by the config loader")
-
-
-def _build(cls, data: dict, prefix: str, where: str):
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = prefix + str(k)
-        if k not in names:
-            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, Config)}")
-        kwargs[k] = _coerce(v, hints[k], key, where)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _dotted_set(tree: dict, key: str, value: Any, where: str) -> None:
-    parts = key.split(".")
-    cls = Config
-    node = tree
-    for i, p in enumerate(parts):
-        names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        if p not in names:
-            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, Config)}")
-        tp = _hints(cls)[p]
-        if i == len(parts) - 1:
-            node[p] = value
-            return
-        if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"{where}: '{'.'.join(parts[:i + 1])}' is a value, not a section; use '{'.'.join(parts[:i + 1])}=VALUE'")
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])}: expected a mapping, got {type(child).__name__}")
-        node, cls = child, tp
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: use KEY=VALUE with a dotted key, e.g. optim.lr=1e-5")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {item!r}: the key is empty; use KEY=VALUE, e.g. optim.lr=1e-5")
-    if raw.strip() == "":
-        return key, ""
-    try:
-        return key, yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list; quote it") from None
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every leaf field: the reference that `cada config
+    --describe` (and `--describe` on every command that reads a config) prints."""
+    return _describe(cls, prefix)
 
 
 def config_from_dict(data: dict | None, overrides: Iterable[str] = (), *, source: str = "<dict>") -> Config:
@@ -579,51 +418,26 @@ def config_from_dict(data: dict | None, overrides: Iterable[str] = (), *, source
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (run:, model:, optim: ...), got {type(data).__name__}")
-    cfg = _build(Config, data, "", source)
+    cfg = build(Config, data, "", source)
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         where = f"override '{item}'"
         tree = to_dict(cfg)
-        _dotted_set(tree, key, value, where)
-        cfg = _build(Config, tree, "", where)
+        dotted_set(Config, tree, key, value, where)
+        cfg = build(Config, tree, "", where)
     return cfg
 
 
 def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Config:
     """The `Config` of YAML file `path` (None: all defaults) with ``key=value`` overrides applied."""
-    data: Any = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found; pass an existing YAML file")
-        with open(path) as f:
-            text = f.read()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: invalid YAML{at}; fix the syntax") from None
-    return config_from_dict(data, overrides, source=source)
+    if path is None:
+        return config_from_dict({}, overrides, source="<defaults>")
+    return config_from_dict(read_yaml(path), overrides, source=str(path))
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     """A copy of `cfg` with ``key=value`` overrides applied (same checks as `load_config`)."""
     return config_from_dict(to_dict(cfg), overrides, source="<config>")
-
-
-def _plain(x):
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
-def to_dict(cfg) -> dict:
-    """Nested dict of plain YAML/JSON types (tuples become lists)."""
-    return _plain(cfg)
 
 
 def dump_yaml(cfg: Config, path: str) -> str:
@@ -635,26 +449,9 @@ def dump_yaml(cfg: Config, path: str) -> str:
     return path
 
 
-def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every leaf field: the reference that `cada config
-    --describe` (and `--describe` on every command that reads a config) prints."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        tp = _hints(cls)[f.name]
-        key = prefix + f.name
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, key + ".")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((key, _type_name(tp), _plain(default), f.metadata.get("doc", "")))
-    return rows
-
-
 def describe_text(sections: Iterable[str] = ()) -> str:
     """Every config key (or those of `sections`) as `key (type) = default  # doc` lines, one
     blank line between sections, each section headed by its own doc."""
-    import json
-
     wanted = set(sections)
     unknown = wanted - {f.name for f in dataclasses.fields(Config)}
     if unknown:
@@ -664,7 +461,7 @@ def describe_text(sections: Iterable[str] = ()) -> str:
         if wanted and f.name not in wanted:
             continue
         out.append(f"# {f.name}: {f.metadata.get('doc', '')}")
-        for key, tp, default, doc in describe(_hints(Config)[f.name], f.name + "."):
+        for key, tp, default, doc in describe(field_types(Config)[f.name], f.name + "."):
             out.append(f"{key} ({tp}) = {json.dumps(default)}  # {doc}")
         out.append("")
     return "\n".join(out).rstrip("\n")

@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 
 def _umask() -> int:
@@ -66,6 +66,24 @@ def read_jsonl_objects(path: str | Path, error: type[Exception], *, what: str) -
                 raise error(f"{path}:{i}: expected a JSON object with {what}, got {type(rec).__name__}")
             out.append(rec)
     return out
+
+
+def jsonl_records(text: str, path, fail: Callable[..., Exception]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of JSONL `text` read from `path`. A line that
+    is not JSON or not an object raises ``fail(path, line, None, problem, fix)``, the caller's
+    one-line error builder (field None: the whole line)."""
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise fail(path, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})",
+                       "write one JSON object per line") from None
+        if not isinstance(rec, dict):
+            raise fail(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}",
+                       "write one JSON object per line")
+        yield lineno, rec
 
 
 class RunLocked(RuntimeError):

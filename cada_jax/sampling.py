@@ -11,7 +11,7 @@
   dynamic_update_slice), the last logits, the output buffers and the done flags; it exits as
   soon as every sequence has finished. With stop strings, the loop runs in chunks and the host
   checks the decoded text between chunks.
-- On CPU the programs run the decoder's unrolled path (`decoder._forward_unrolled`): per-layer
+- On CPU the programs run the decoder's unrolled path (`unrolled.forward_unrolled`): per-layer
   [out, in] weight buffers, made once per set of params and kept (`Sampler.decode_params`),
   feature-major activations, keys in blocks of 64 slots, and vocabulary-major logits [V, S] for
   the draw. GPU/TPU run the scanned decoder over the stacked weights and cache.
@@ -28,15 +28,17 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cada_jax.models.config import ModelConfig
-from cada_jax.models.decoder import chunk_keys, forward, init_cache, key_chunk, per_layer_weights, rope_tables, split_layers
-from cada_jax.sharding import shard_params, to_host
+from cada_jax.models.decoder import forward, init_cache
+from cada_jax.models.layers import rope_tables
+from cada_jax.models.unrolled import chunk_keys, key_chunk, per_layer_weights, split_layers
+from cada_jax.sharding import place_rows, shard_params, to_host
 from cada_jax.tokenizer import Tokenizer, bucket, length_bucket
 
 
@@ -94,20 +96,6 @@ class SampleOutput:
     @property
     def group_index(self) -> np.ndarray:
         return np.repeat(np.arange(len(self.prompt_ids)), self.n)
-
-    def padded(self, length: int | None = None, pad_id: int = 0):
-        """(tokens [S, T] int32, logprobs [S, T] f32, mask [S, T] int32), right-padded."""
-        T = length or max(1, int(self.lengths.max(initial=1)))
-        S = len(self.completion_ids)
-        tok = np.full((S, T), pad_id, np.int32)
-        lp = np.zeros((S, T), np.float32)
-        mask = np.zeros((S, T), np.int32)
-        for i, (c, l) in enumerate(zip(self.completion_ids, self.logprobs)):
-            c = c[:T]
-            tok[i, : len(c)] = c
-            lp[i, : len(c)] = l[: len(c)]
-            mask[i, : len(c)] = 1
-        return tok, lp, mask
 
 
 # --------------------------------------------------------------------------- device programs
@@ -203,11 +191,6 @@ def _filter_logits(logits_BV, temperature, top_k: int, use_top_p: bool, top_p):
     return x
 
 
-def _categorical(keys_S, weights_SV, block: int = 256):
-    """`_categorical_vocab_major` for row-major weights [S, V]."""
-    return _categorical_vocab_major(keys_S, jnp.swapaxes(weights_SV, 0, 1), block)
-
-
 def _categorical_vocab_major(keys_S, weights_VS, block: int = 256):
     """One categorical draw per column, with probabilities proportional to `weights_VS` (>= 0).
 
@@ -243,7 +226,7 @@ def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: i
     eos = jnp.asarray(eos_ids, jnp.int32)
     start = state["step"]
     # Per-layer weight buffers, split once here (outside the loop) rather than sliced out of
-    # the stacked arrays on every step: see decoder._forward_unrolled.
+    # the stacked arrays on every step: see unrolled.forward_unrolled.
     if unroll:
         params = split_layers(params, cfg)
     # RoPE tables for every position a new token can take (< cache slots), built once per call;
@@ -254,7 +237,7 @@ def _decode(params, state, keys_S, eos_ids, temperature, top_p, *, cfg, steps: i
         return (s["step"] < jnp.minimum(start + steps, max_new)) & ~jnp.all(s["done"])
 
     def body(s):
-        logits = s["logits"]  # [V, S]: vocabulary-major (see decoder._forward_unrolled)
+        logits = s["logits"]  # [V, S]: vocabulary-major (see unrolled.forward_unrolled)
         # One max and one exp pass over the vocabulary give both the draw and the sampled token's
         # log-prob under the unmodified distribution (log-softmax of the raw logits).
         m = jnp.max(logits, axis=0, keepdims=True)
@@ -352,7 +335,7 @@ class Sampler:
         self.batch_buckets = tuple(batch_buckets) if batch_buckets else None
         self.mesh = mesh
         self.stats = {"prefill_calls": 0, "decode_calls": 0, "prompts": 0, "samples": 0}
-        # Unrolled layers over per-layer weight/cache buffers (see decoder._forward_unrolled) pay
+        # Unrolled layers over per-layer weight/cache buffers (see unrolled.forward_unrolled) pay
         # off where XLA copies each scanned layer's weights out of the stacked arrays: on CPU.
         # On GPU/TPU the scan's slices fuse into the matmuls, and splitting would hold the weights
         # twice, so the scanned path with the stacked cache is used there.
@@ -446,7 +429,7 @@ class Sampler:
         tokens, mask = self.tokenizer.pad([p[shared:] for p in ids], side="left", length=P, batch=Bp)
         valid = np.arange(Bp) < B
         slots = shared + P + sp.max_new_tokens
-        if self.unroll_layers:  # whole blocks of keys for the decode loop (see decoder.chunk_keys)
+        if self.unroll_layers:  # whole blocks of keys for the decode loop (see unrolled.chunk_keys)
             slots = -(-slots // SLOT_MULTIPLE) * SLOT_MULTIPLE
         cache_dtype = sp.cache_dtype or self.cfg.dtype
         tokens, mask = self._place(tokens), self._place(mask)
@@ -543,12 +526,5 @@ class Sampler:
         return ids[:lo], lp[:lo], True
 
     def _place(self, x):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.axis_names)
-        size = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
-        spec = P(axes) if axes and x.shape[0] % size == 0 else P()
-        sharding = NamedSharding(self.mesh, spec)
-        return shard_params(x, sharding) if jax.process_count() > 1 else jax.device_put(x, sharding)
+        """A host batch array on the mesh as the trainers place theirs (`sharding.place_rows`)."""
+        return jnp.asarray(x) if self.mesh is None else place_rows(x, self.mesh)

@@ -18,22 +18,17 @@ attention weights), so this costs little memory and keeps e.g. Qwen2.5-1.5B (2 K
 ``tensor=4``. Query heads, vocabulary, MLP width and hidden size must divide by their axes: a mesh
 that does not fit is refused by ``validate`` with the dimension, its config key and the sizes that do.
 
-Multi-host: call ``initialize_distributed()`` first thing in the program; it starts
-``jax.distributed`` on Cloud TPU pods, SLURM/Open MPI clusters and from ``CADA_*`` / ``JAX_*``
-environment variables, and does nothing on a single host.
+Multi-host start-up is `cada_jax.distributed`; the per-device memory formula is `cada_jax.memory`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import os
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -56,8 +51,6 @@ __all__ = [
     "batch_sharding",
     "validate",
     "shard_params",
-    "shard_batch",
-    "constrain",
     "fit_sharding",
     "logical_shardings",
     "place_rows",
@@ -65,16 +58,7 @@ __all__ = [
     "data_shard",
     "to_host",
     "mesh_from_config",
-    "per_device_param_bytes",
-    "memory_estimate",
-    "detect_cluster",
-    "initialize_distributed",
     "is_main_process",
-    "main_print",
-    "sharded_forward",
-    "sharded_logprobs",
-    "sharded_update_step",
-    "ShardedUpdate",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -436,24 +420,6 @@ def shard_params(params, shardings):
     return jax.tree_util.tree_map(_put, params, shardings)
 
 
-def shard_batch(batch, mesh: Mesh, *, process_local: bool = False):
-    """Place a batch pytree (leading dimension = batch) on the mesh, split over (data, fsdp).
-
-    `process_local=False`: every process passes the same *global* batch. `process_local=True`: each
-    process passes only its own rows (e.g. from a grain iterator sharded per process) and the global
-    batch is their concatenation in process order.
-    """
-    sh = batch_sharding(mesh)
-    if process_local:
-        return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), batch)
-    return shard_params(batch, sh)
-
-
-def constrain(x, mesh: Mesh, logical, cfg: ModelConfig | None = None):
-    """`with_sharding_constraint` by logical names, for activations inside jitted code."""
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_mesh(tuple(logical), rules_for(cfg, mesh))))
-
-
 def fit_sharding(mesh: Mesh, shape, logical, cfg: ModelConfig | None = None) -> NamedSharding:
     """NamedSharding of an array of `shape` whose dimensions carry the `logical` names, with every
     dimension that its mesh axes do not divide left whole (a 6-row micro-batch on data*fsdp = 4 is
@@ -538,346 +504,8 @@ def mesh_from_config(mesh_cfg, cfg: ModelConfig | None = None, *, batch: int | N
     return mesh
 
 
-def per_device_param_bytes(params) -> dict:
-    """Bytes of `params` held by each (addressable) device, summed from the arrays' own shards."""
-    out: dict = {}
-    for leaf in jax.tree_util.tree_leaves(params):
-        for shard in leaf.addressable_shards:
-            out[shard.device] = out.get(shard.device, 0) + int(shard.data.nbytes)
-    return out
-
-
-# ----------------------------------------------------------------------------- memory sizing
-
-
-def memory_estimate(
-    cfg: ModelConfig,
-    mesh_cfg: MeshConfig,
-    *,
-    batch: int,
-    seq_len: int,
-    num_devices: int | None = None,
-    param_dtype: str | None = None,
-    opt_dtype: str = "float32",
-    opt_states: int = 2,
-    cache_dtype: str | None = None,
-    act_dtype: str | None = None,
-    reference: bool = True,
-) -> dict:
-    """Per-device memory (bytes) of a GRPO step on a mesh, by the formulas in launch/README.md.
-
-    With P the parameter count, s = fsdp*tensor the weight shards, b = ceil(batch / (data*fsdp))
-    the per-device batch, t_kv = tensor if it divides num_kv_heads else 1:
-
-      params      = P * bytes(param_dtype) / s            (norm scales are replicated; counted exactly)
-      reference   = params                                (frozen copy for the KL term; 0 if reference=False)
-      grads       = params
-      optimizer   = opt_states * P * bytes(opt_dtype) / s (AdamW: mu and nu)
-      kv_cache    = 2 * L * b * seq_len * (K / t_kv) * H * bytes(cache_dtype)
-      logits      = b * seq_len * (V / tensor) * 4        (f32 logits of the loss forward)
-      activations = L * b * seq_len * D * bytes(act_dtype) (layer inputs kept with remat="full")
-
-    `num_devices` is needed only when an axis of `mesh_cfg` is -1. Returns a dict with those keys,
-    ``total``, ``n_params`` and the resolved ``mesh`` sizes.
-    """
-    sizes_t = mesh_cfg.resolve(num_devices if num_devices is not None else _fixed_product(mesh_cfg))
-    sizes = dict(zip(MESH_AXES, sizes_t))
-    pb = jnp.dtype(param_dtype or cfg.param_dtype).itemsize
-    ob = jnp.dtype(opt_dtype).itemsize
-    cb = jnp.dtype(cache_dtype or cfg.dtype).itemsize
-    ab = jnp.dtype(act_dtype or cfg.dtype).itemsize
-
-    from cada_jax.models.decoder import param_logical_axes, param_shapes
-
-    rules = rules_for(cfg, sizes)
-    n_params = 0
-    local_elems = 0
-    shapes = jax.tree_util.tree_leaves(param_shapes(cfg))
-    specs = jax.tree_util.tree_leaves(param_logical_axes(cfg), is_leaf=lambda x: isinstance(x, PartitionSpec))
-    for leaf, spec in zip(shapes, specs):
-        n = math.prod(leaf.shape)
-        n_params += n
-        split = 1
-        for entry in tuple(logical_to_mesh(spec, rules)):
-            if entry is not None:
-                split *= math.prod(sizes[a] for a in ((entry,) if isinstance(entry, str) else entry))
-        local_elems += n // split
-    b_local = -(-batch // (sizes["data"] * sizes["fsdp"]))
-    t_kv = sizes["tensor"] if cfg.num_kv_heads % sizes["tensor"] == 0 else 1
-    t_v = sizes["tensor"] if cfg.vocab_size % sizes["tensor"] == 0 else 1
-    out = {
-        "params": local_elems * pb,
-        "reference": local_elems * pb if reference else 0,
-        "grads": local_elems * pb,
-        "optimizer": opt_states * local_elems * ob,
-        "kv_cache": 2 * cfg.num_layers * b_local * seq_len * (cfg.num_kv_heads // t_kv) * cfg.head_dim * cb,
-        "logits": b_local * seq_len * (cfg.vocab_size // t_v) * 4,
-        "activations": cfg.num_layers * b_local * seq_len * cfg.hidden_size * ab,
-    }
-    out["total"] = sum(out.values())
-    out["n_params"] = n_params
-    out["mesh"] = sizes
-    return out
-
-
-def _fixed_product(mesh_cfg: MeshConfig) -> int:
-    sizes = [getattr(mesh_cfg, k) for k in MESH_AXES]
-    if -1 in sizes:
-        raise ShardingError(
-            f"memory_estimate: mesh {mesh_cfg._describe()} has a -1 axis; pass num_devices or give every axis a size"
-        )
-    return math.prod(sizes)
-
-
 # ----------------------------------------------------------------------------- multi-host
-
-
-def _env_int(env, keys, default=None):
-    for k in keys:
-        v = env.get(k)
-        if v not in (None, ""):
-            try:
-                return int(v)
-            except ValueError:
-                raise ShardingError(f"environment variable {k}={v!r} must be an integer") from None
-    return default
-
-
-def detect_cluster(env: Mapping | None = None) -> tuple[str, dict]:
-    """How this process should join a multi-host job: (method, kwargs for jax.distributed.initialize).
-
-    method is one of "single" (nothing to do), "env" (CADA_COORDINATOR / JAX_COORDINATOR_ADDRESS with
-    the process count and id), "tpu" (Cloud TPU pod slice or multislice: JAX reads the TPU metadata
-    itself), "slurm" or "mpi" (JAX's own cluster detection).
-    """
-    env = os.environ if env is None else env
-    coord = env.get("CADA_COORDINATOR") or env.get("JAX_COORDINATOR_ADDRESS")
-    if coord:
-        if ":" not in coord:
-            raise ShardingError(f"CADA_COORDINATOR={coord!r} must be host:port, e.g. 10.0.0.2:8476")
-        n = _env_int(env, ("CADA_NUM_PROCESSES", "JAX_NUM_PROCESSES"))
-        pid = _env_int(env, ("CADA_PROCESS_ID", "JAX_PROCESS_ID"))
-        if n is None:
-            raise ShardingError("CADA_COORDINATOR is set but CADA_NUM_PROCESSES is not; set it to the number of processes")
-        if n < 1:
-            raise ShardingError(f"CADA_NUM_PROCESSES={n} must be >= 1")
-        if n == 1:
-            return "single", {}
-        if pid is None:
-            raise ShardingError("CADA_COORDINATOR is set but CADA_PROCESS_ID is not; set it to this process's rank 0..N-1")
-        if not 0 <= pid < n:
-            raise ShardingError(f"CADA_PROCESS_ID={pid} must be in [0, CADA_NUM_PROCESSES={n})")
-        kw = {"coordinator_address": coord, "num_processes": n, "process_id": pid}
-        local = env.get("CADA_LOCAL_DEVICE_IDS")
-        if local:
-            try:
-                kw["local_device_ids"] = [int(x) for x in local.split(",")]
-            except ValueError:
-                raise ShardingError(f"CADA_LOCAL_DEVICE_IDS={local!r} must be comma-separated ints, e.g. 0,1,2,3") from None
-        return "env", kw
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS") or _env_int(env, ("MEGASCALE_NUM_SLICES",), 1) > 1:
-        return "tpu", {}
-    if _env_int(env, ("SLURM_NTASKS",), 1) > 1 and env.get("SLURM_JOB_ID"):
-        return "slurm", {}
-    if _env_int(env, ("OMPI_COMM_WORLD_SIZE",), 1) > 1:
-        return "mpi", {}
-    return "single", {}
-
-
-def initialize_distributed(env: Mapping | None = None) -> str:
-    """Start `jax.distributed` when this is a multi-host job; a no-op on one host. Returns the method.
-
-    Call it before any other JAX call. Safe to call twice.
-    """
-    method, kw = detect_cluster(env)
-    if method == "single" or jax.distributed.is_initialized():
-        return method
-    jax.distributed.initialize(**kw)
-    return method
 
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
-
-
-def main_print(*args, **kwargs) -> None:
-    """`print` on process 0 only (flushed), so a pod's logs are not N copies of each line."""
-    if is_main_process():
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
-
-
-# ----------------------------------------------------------------------------- sharded execution
-
-
-class _BatchChecked:
-    """A jitted function whose batch (arg 1, dim 0) is checked against data*fsdp with a clear error."""
-
-    def __init__(self, jitted, mesh: Mesh, arg: int = 1):
-        self.jitted, self._mesh, self._arg = jitted, mesh, arg
-
-    def _check(self, args):
-        x = args[self._arg]
-        leaf = jax.tree_util.tree_leaves(x)[0]
-        sizes = _mesh_sizes(self._mesh)
-        b = sizes["data"] * sizes["fsdp"]
-        if leaf.shape[0] % b:
-            raise ShardingError(
-                f"batch size {leaf.shape[0]} is not divisible by data*fsdp = {sizes['data']}*{sizes['fsdp']} = {b}; "
-                f"pad the batch to a multiple of {b}"
-            )
-
-    def __call__(self, *args):
-        self._check(args)
-        return self.jitted(*args)
-
-    def lower(self, *args):
-        self._check(args)
-        return self.jitted.lower(*args)
-
-
-@functools.lru_cache(maxsize=32)
-def sharded_forward(cfg: ModelConfig, mesh: Mesh, *, with_cache: bool = False):
-    """Jitted `forward` with explicit shardings: params by the rules, inputs and logits batch-sharded.
-
-    Memoised on (cfg, mesh, with_cache): asking again returns the same compiled function.
-
-    Without cache: ``f(params, tokens_BT, positions_BT, attention_mask_BT) -> logits_BTV``.
-    With cache: ``f(params, tokens, positions, mask, cache) -> (logits, cache)``, the cache sharded by
-    `cache_shardings` and donated (updated in place).
-    """
-    from cada_jax.models.decoder import forward
-
-    validate(cfg, mesh)
-    p_sh = param_shardings(cfg, mesh)
-    b_sh = batch_sharding(mesh)
-    logits_sh = named_sharding(mesh, "act_batch", "act_seq", None)
-    if not with_cache:
-
-        def fwd(params, tokens_BT, positions_BT, mask_BT):
-            return forward(params, tokens_BT, positions_BT, mask_BT, None, cfg=cfg)[0]
-
-        return _BatchChecked(jax.jit(fwd, in_shardings=(p_sh, b_sh, b_sh, b_sh), out_shardings=logits_sh), mesh)
-    c_sh = cache_shardings(cfg, mesh)
-
-    def fwd_cache(params, tokens_BT, positions_BT, mask_BT, cache):
-        return forward(params, tokens_BT, positions_BT, mask_BT, cache, cfg=cfg)
-
-    jitted = jax.jit(
-        fwd_cache,
-        in_shardings=(p_sh, b_sh, b_sh, b_sh, c_sh),
-        out_shardings=(logits_sh, c_sh),
-        donate_argnums=(4,),
-    )
-    return _BatchChecked(jitted, mesh)
-
-
-def _sequence_logprobs(params, tokens_BT, attention_mask_BT, cfg, mesh):
-    """log p(token_t | tokens_<t) aligned with tokens: [B, T], position 0 is 0."""
-    from cada_jax.models.decoder import forward, positions_from_mask
-    from cada_jax.training.losses import token_logprobs
-
-    positions_BT = positions_from_mask(attention_mask_BT)
-    logits_BTV, _ = forward(params, tokens_BT, positions_BT, attention_mask_BT, None, cfg=cfg)
-    # Keep the vocabulary split over `tensor` through the log-softmax instead of gathering it.
-    logits_BTV = constrain(logits_BTV, mesh, ("act_batch", "act_seq", "act_vocab"), cfg)
-    logp = token_logprobs(logits_BTV[:, :-1], tokens_BT[:, 1:])
-    return jnp.pad(logp, ((0, 0), (1, 0)))
-
-
-@functools.lru_cache(maxsize=32)
-def sharded_logprobs(cfg: ModelConfig, mesh: Mesh):
-    """Jitted ``f(params, tokens_BT, attention_mask_BT) -> logp_BT`` (aligned with tokens; column 0 = 0),
-    for the old-policy and reference log-probs of a GRPO batch. Memoised on (cfg, mesh)."""
-    validate(cfg, mesh)
-    p_sh, b_sh = param_shardings(cfg, mesh), batch_sharding(mesh)
-    fn = jax.jit(
-        lambda params, tokens_BT, mask_BT: _sequence_logprobs(params, tokens_BT, mask_BT, cfg, mesh),
-        in_shardings=(p_sh, b_sh, b_sh),
-        out_shardings=b_sh,
-    )
-    return _BatchChecked(fn, mesh)
-
-
-class ShardedUpdate(NamedTuple):
-    """What `sharded_update_step` builds.
-
-    init(params) -> state                    state = {"params", "opt_state", "step"}, placed on the mesh;
-                                             `params` is donated.
-    step(state, batch) -> (state, metrics)   one GRPO update; `state` is donated.
-    state_shardings                          pytree of NamedShardings of the state (for checkpoint restore).
-    batch_sharding                           the sharding of every batch array.
-    """
-
-    init: Callable
-    step: Callable
-    state_shardings: Any
-    batch_sharding: NamedSharding
-
-
-def sharded_update_step(
-    cfg: ModelConfig,
-    mesh: Mesh,
-    loss_cfg=None,
-    optimizer=None,
-    *,
-    learning_rate: float = 1e-6,
-    weight_decay: float = 0.0,
-) -> ShardedUpdate:
-    """A GRPO-family update (`rl.losses.policy_loss` + optax, AdamW by default) jitted on `mesh`.
-
-    The batch is a dict of arrays with the batch on axis 0, all aligned with `tokens_BT`:
-      tokens_BT          prompt + completion token ids [B, T]
-      attention_mask_BT  1 on real tokens, 0 on padding
-      loss_mask_BT       1 on completion tokens that count in the loss (position 0 is never scored)
-      old_logp_BT        log-probs of those tokens under the sampling policy (as `sharded_logprobs`)
-      advantages_B       one advantage per sequence
-      ref_logp_BT        reference log-probs; needed when loss_cfg.beta > 0
-    Metrics: the loss metrics of `policy_loss` plus ``loss`` and ``grad_norm``, replicated.
-    """
-    import optax
-
-    from cada_jax.models.decoder import param_shapes
-    from cada_jax.training.losses import LossConfig, policy_loss
-
-    loss_cfg = loss_cfg if loss_cfg is not None else LossConfig()
-    if not isinstance(loss_cfg, LossConfig):
-        raise TypeError(f"loss_cfg must be a cada_jax.training.losses.LossConfig, got {type(loss_cfg).__name__}")
-    optimizer = optimizer if optimizer is not None else optax.adamw(learning_rate, weight_decay=weight_decay)
-    validate(cfg, mesh)
-
-    p_sh = param_shardings(cfg, mesh)
-    rep = replicated(mesh)
-    opt_sh = opt_state_shardings(jax.eval_shape(optimizer.init, param_shapes(cfg)), p_sh, mesh)
-    state_sh = {"params": p_sh, "opt_state": opt_sh, "step": rep}
-    b_sh = batch_sharding(mesh)
-
-    def init(params):
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    def loss_fn(params, batch):
-        logp_BT = _sequence_logprobs(params, batch["tokens_BT"], batch["attention_mask_BT"], cfg, mesh)
-        ref = batch.get("ref_logp_BT")
-        return policy_loss(
-            logp_BT[:, 1:],
-            batch["old_logp_BT"][:, 1:],
-            batch["advantages_B"],
-            batch["loss_mask_BT"][:, 1:],
-            loss_cfg,
-            None if ref is None else ref[:, 1:],
-        )
-
-    def step(state, batch):
-        missing = [k for k in ("tokens_BT", "attention_mask_BT", "loss_mask_BT", "old_logp_BT", "advantages_B") if k not in batch]
-        if missing:
-            raise KeyError(f"GRPO batch is missing {missing}; see sharded_update_step's docstring for the keys")
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-    init_j = jax.jit(init, in_shardings=(p_sh,), out_shardings=state_sh, donate_argnums=(0,))
-    step_j = jax.jit(step, in_shardings=(state_sh, b_sh), out_shardings=(state_sh, rep), donate_argnums=(0,))
-    return ShardedUpdate(init_j, _BatchChecked(step_j, mesh), state_sh, b_sh)

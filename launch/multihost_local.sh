@@ -3,7 +3,7 @@
 #
 # Each process gets CADA_COORDINATOR=127.0.0.1:PORT, CADA_NUM_PROCESSES=N, CADA_PROCESS_ID=i,
 # JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=D, which
-# cada_jax.sharding.initialize_distributed() reads. Output lines are prefixed with "[i] ".
+# cada_jax.distributed.initialize_distributed() reads. Output lines are prefixed with "[i] ".
 # Waits for all processes; if one fails, the others are stopped (they would otherwise block on
 # the coordinator) and the script exits with the failed process's status.
 #

@@ -2,7 +2,7 @@
 # Create a Cloud TPU VM (single host or pod slice), install cada_jax on every worker, run a `cada`
 # command on all workers at once, and tear it down. Needs the gcloud CLI, logged in, with a project.
 #
-# Every worker runs the same command; cada_jax.sharding.initialize_distributed() finds the other
+# Every worker runs the same command; cada_jax.distributed.initialize_distributed() finds the other
 # hosts through the TPU metadata, so nothing else needs to be set for a pod slice.
 #
 # Examples:

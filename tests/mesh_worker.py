@@ -9,8 +9,11 @@ differences and byte counts (``RESULT {...}``); the test asserts on them.
 built like tests/conftest.py's ``tiny_model_dir`` (GGUF with the fixture tokenizer, converted by
 our importer) but from numpy weights, so the worker does not import torch.
 
-`grpo_scenario` is shared with tests/multihost_worker.py so that a two-process run and a
-single-process run of the same update can be compared.
+`grpo_scenario` runs the GRPO trainer's own compiled update (`training.grpo_batch.grpo_update`, state placed
+by `training.placement.create_state`, old/reference log-probs from `training.grpo_batch.reference_logprob_fn`) on a mesh; it is
+shared with tests/multihost_worker.py so that a two-process run and a single-process run of the
+same update can be compared. The forward checks jit `decoder.forward` with the shardings the mesh
+rules give (`sharding.param_shardings`, `batch_sharding`, `cache_shardings`).
 """
 
 from __future__ import annotations
@@ -66,32 +69,48 @@ def random_params(cfg, seed: int = 0):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def grpo_batch(cfg, batch: int = 8, seq: int = 12, seed: int = 1):
-    """A left-padded prompt+completion batch with a loss mask on the completion (numpy)."""
+def per_device_param_bytes(params) -> dict:
+    """Bytes of `params` held by each (addressable) device, summed from the arrays' own shards."""
+    import jax
+
+    out: dict = {}
+    for leaf in jax.tree_util.tree_leaves(params):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + int(shard.data.nbytes)
+    return out
+
+
+def grpo_batch(cfg, prompts: int = 2, group: int = 4, prompt_len: int = 6, completion_len: int = 6, seed: int = 1):
+    """A GRPO update batch (host arrays, `training.grpo_batch.build_update_batch`): `prompts` left-padded
+    prompts with `group` right-padded completions each, one ending early, an advantage per sample."""
+    from cada_jax.training.grpo_batch import build_update_batch
+
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, cfg.vocab_size, size=(batch, seq)).astype(np.int32)
-    mask = np.ones((batch, seq), np.int32)
-    pads = rng.integers(0, 4, size=batch)
-    for i, p in enumerate(pads):
-        mask[i, :p] = 0
-        tokens[i, :p] = 0
-    loss_mask = np.zeros((batch, seq), np.int32)
-    loss_mask[:, seq // 2 :] = 1
-    loss_mask[0, -2:] = 0  # a completion that ended early
-    adv = rng.standard_normal(batch).astype(np.float32)
-    return {"tokens_BT": tokens, "attention_mask_BT": mask, "loss_mask_BT": loss_mask, "advantages_B": adv}
+    prompt_ids = [list(rng.integers(3, cfg.vocab_size, size=prompt_len - int(rng.integers(0, 3)))) for _ in range(prompts)]
+    completion_ids = [list(rng.integers(3, cfg.vocab_size, size=completion_len)) for _ in range(prompts * group)]
+    completion_ids[0] = completion_ids[0][:-2]  # a completion that ended early
+    adv = rng.standard_normal(prompts * group).astype(np.float32)
+    zeros = [np.zeros(len(c), np.float32) for c in completion_ids]
+    return build_update_batch(prompt_ids, completion_ids, zeros, adv, group_size=group, pad_id=0,
+                              prompt_len=prompt_len, completion_len=completion_len)
 
 
 def reference_logprobs(params, batch, cfg):
-    """Unsharded log p(token_t | <t) aligned with tokens (independent of cada_jax.sharding)."""
+    """Unsharded log p of every completion token [B, C] (0 on padding) from a causal pass over each
+    [prompt | completion] row alone (independent of cada_jax.sharding and of the grouped scorer)."""
     import jax.numpy as jnp
 
-    from cada_jax.models.decoder import forward_jit, positions_from_mask
+    from cada_jax.models.decoder import forward, positions_from_mask
 
-    tokens, mask = jnp.asarray(batch["tokens_BT"]), jnp.asarray(batch["attention_mask_BT"])
-    logits, _ = forward_jit(params, tokens, positions_from_mask(mask), mask, cfg=cfg)
-    logp = jnp.take_along_axis(jax_log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1)[..., 0]
-    return np.asarray(jnp.pad(logp, ((0, 0), (1, 0))))
+    ptok, pmask = jnp.asarray(batch["prompt_tokens_NP"]), jnp.asarray(batch["prompt_mask_NP"])
+    ctok, cmask = jnp.asarray(batch["completion_tokens_BC"]), jnp.asarray(batch["completion_mask_BC"])
+    G = ctok.shape[0] // ptok.shape[0]
+    P, C = ptok.shape[1], ctok.shape[1]
+    tokens = jnp.concatenate([jnp.repeat(ptok, G, axis=0), ctok], axis=1)
+    mask = jnp.concatenate([jnp.repeat(pmask, G, axis=0), cmask], axis=1)
+    logits, _ = forward(params, tokens, positions_from_mask(mask), mask, cfg=cfg)
+    logp = jnp.take_along_axis(jax_log_softmax(logits[:, P - 1:P + C - 1]), ctok[..., None], axis=-1)[..., 0]
+    return jnp.where(cmask != 0, logp, 0.0)
 
 
 def jax_log_softmax(x):
@@ -113,54 +132,58 @@ def checksum(tree) -> float:
 
 
 def grpo_scenario(mesh, steps: int = 2, lr: float = 1e-3):
-    """Build the tiny model + batch, run `steps` sharded GRPO updates on `mesh`.
+    """Build the tiny model + batch, run `steps` of the GRPO trainer's update on `mesh`.
 
-    Returns a dict: state, losses, params0 (host), batch (host), gbatch (on the mesh, with old and
-    reference log-probs), cfg, loss_cfg, upd (the ShardedUpdate).
+    Returns a dict: state (a TrainState), losses, params0 (host), batch (host), gbatch (on the
+    mesh, with old and reference log-probs), cfg, loss_cfg, step (the jitted update) and
+    state_shardings (where the TrainState lives, for checkpoint restore).
     """
+    import jax
     import optax
 
+    from cada_jax.training import placement
+    from cada_jax.training.grpo_batch import grpo_update, reference_logprob_fn
     from cada_jax.training.losses import LossConfig
-    from cada_jax.sharding import param_shardings, shard_batch, shard_params, sharded_logprobs, sharded_update_step
+    from cada_jax.sharding import param_shardings, place_rows, shard_params
 
     cfg = tiny_cfg("qwen2")
     loss_cfg = LossConfig(beta=0.04)
     params0 = random_params(cfg, seed=3)
-    batch = grpo_batch(cfg, batch=8, seq=12)
+    batch = grpo_batch(cfg)
     p_sh = param_shardings(cfg, mesh)
-    logp_fn = sharded_logprobs(cfg, mesh)
     ref_params = shard_params(params0, p_sh)
-    gbatch = shard_batch(batch, mesh)
-    old = logp_fn(ref_params, gbatch["tokens_BT"], gbatch["attention_mask_BT"])
-    gbatch = dict(gbatch, old_logp_BT=old - 0.05 * gbatch["advantages_B"][:, None], ref_logp_BT=old)
-    upd = sharded_update_step(cfg, mesh, loss_cfg, optax.adamw(lr, weight_decay=0.01))
-    state = upd.init(shard_params(params0, p_sh))
+    gbatch = place_rows(batch, mesh)
+    old = reference_logprob_fn(cfg, mesh)(ref_params, gbatch["prompt_tokens_NP"], gbatch["prompt_mask_NP"],
+                                 gbatch["completion_tokens_BC"], gbatch["completion_mask_BC"])
+    gbatch = dict(gbatch, old_logp_BC=old - 0.05 * gbatch["advantages_B"][:, None], ref_logp_BC=old)
+    tx = optax.adamw(lr, weight_decay=0.01)
+    state = placement.create_state(shard_params(params0, p_sh), tx, jax.random.PRNGKey(0), model_cfg=cfg,
+                                   lora_cfg=None, mesh=mesh)
+    step = grpo_update(cfg, None, loss_cfg, mesh, tx)
     losses = []
     for _ in range(steps):
-        state, metrics = upd.step(state, gbatch)
+        state, metrics = step(state, gbatch)
         losses.append(float(metrics["loss"]))
     return dict(state=state, losses=losses, params0=params0, batch=batch, gbatch=gbatch, cfg=cfg,
-                loss_cfg=loss_cfg, upd=upd)
+                loss_cfg=loss_cfg, step=step,
+                state_shardings=placement.train_state_shardings(cfg, None, mesh, tx))
 
 
 def reference_update(params0, batch, cfg, loss_cfg, steps: int = 2, lr: float = 1e-3):
-    """The same GRPO updates on one device, written out without cada_jax.sharding."""
+    """The same GRPO updates on one device, written out without cada_jax.sharding or the trainer."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    from cada_jax.models.decoder import forward, positions_from_mask
     from cada_jax.training.losses import policy_loss
 
     old = reference_logprobs(params0, batch, cfg)
     adv = jnp.asarray(batch["advantages_B"])
-    tokens, mask = jnp.asarray(batch["tokens_BT"]), jnp.asarray(batch["attention_mask_BT"])
-    lmask = jnp.asarray(batch["loss_mask_BT"])
+    cmask = jnp.asarray(batch["completion_mask_BC"])
 
     def loss_fn(p):
-        logits, _ = forward(p, tokens, positions_from_mask(mask), mask, cfg=cfg)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), tokens[:, 1:, None], axis=-1)[..., 0]
-        return policy_loss(logp, old[:, 1:] - 0.05 * adv[:, None], adv, lmask[:, 1:], loss_cfg, old[:, 1:])[0]
+        logp = reference_logprobs(p, batch, cfg)
+        return policy_loss(logp, old - 0.05 * adv[:, None], adv, cmask, loss_cfg, old)[0]
 
     opt = optax.adamw(lr, weight_decay=0.01)
     params = jax.tree_util.tree_map(jnp.asarray, params0)
@@ -357,20 +380,32 @@ def sampling_on_meshes(mesh_cfgs, max_new_tokens: int = 16) -> dict:
 
 def main() -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from cada_jax.models.decoder import forward_jit, init_cache, param_shapes, positions_from_mask
+    from cada_jax.models.decoder import forward, forward_jit, init_cache, positions_from_mask
     from cada_jax.sharding import (
         MeshConfig,
         ShardingError,
+        batch_sharding,
         cache_shardings,
         make_mesh,
+        mesh_from_config,
+        named_sharding,
         param_shardings,
-        per_device_param_bytes,
-        shard_batch,
         shard_params,
-        sharded_forward,
     )
+
+    def sharded_forward(cfg, mesh, with_cache=False):
+        """`decoder.forward` jitted with the mesh rules' shardings: params by `param_shardings`,
+        inputs and logits batch-sharded, a cache by `cache_shardings` (donated)."""
+        p_sh, b_sh = param_shardings(cfg, mesh), batch_sharding(mesh)
+        logits_sh = named_sharding(mesh, "act_batch", "act_seq", None)
+        if not with_cache:
+            return jax.jit(lambda p, t, pos, m: forward(p, t, pos, m, None, cfg=cfg)[0],
+                           in_shardings=(p_sh, b_sh, b_sh, b_sh), out_shardings=logits_sh)
+        c_sh = cache_shardings(cfg, mesh)
+        return jax.jit(lambda p, t, pos, m, c: forward(p, t, pos, m, c, cfg=cfg),
+                       in_shardings=(p_sh, b_sh, b_sh, b_sh, c_sh), out_shardings=(logits_sh, c_sh),
+                       donate_argnums=(4,))
 
     assert jax.device_count() == 8, f"worker needs 8 devices, got {jax.device_count()}"
     res: dict = {"device_count": jax.device_count()}
@@ -394,7 +429,7 @@ def main() -> dict:
         mesh = make_mesh(mc)
         sp = shard_params(params, param_shardings(cfg, mesh))
         fwd = sharded_forward(cfg, mesh)
-        b = shard_batch({"t": tokens, "p": pos, "m": mask}, mesh)
+        b = shard_params({"t": tokens, "p": pos, "m": mask}, batch_sharding(mesh))
         got = fwd(sp, b["t"], b["p"], b["m"])
         key = f"{fam}_d{mc.data}f{mc.fsdp}t{mc.tensor}"
         res[f"fwd_{key}_maxdiff"] = float(np.max(np.abs(np.asarray(got) - want)))
@@ -413,7 +448,7 @@ def main() -> dict:
     fwd_c = sharded_forward(cfg, mesh, with_cache=True)
     cache = shard_params(init_cache(cfg, 8, 16), cache_shardings(cfg, mesh))
     sp = shard_params(params, param_shardings(cfg, mesh))
-    b = shard_batch({"t": tokens, "p": pos, "m": mask}, mesh)
+    b = shard_params({"t": tokens, "p": pos, "m": mask}, batch_sharding(mesh))
     got_logits, got_cache = fwd_c(sp, b["t"], b["p"], b["m"], cache)
     res["cache_logits_maxdiff"] = float(np.max(np.abs(np.asarray(got_logits) - np.asarray(want_logits))))
     res["cache_k_maxdiff"] = float(np.max(np.abs(np.asarray(got_cache["k"]) - np.asarray(want_cache["k"]))))
@@ -422,8 +457,8 @@ def main() -> dict:
     res["cache_k_shard_shape"] = list(k.sharding.shard_shape(k.shape))
     res["cache_donated"] = bool(cache["k"].is_deleted())
     res["cache_index"] = int(got_cache["index"])
-    try:
-        sharded_forward(cfg, mesh)(sp, tokens[:6], pos[:6], mask[:6])
+    try:  # the trainers' mesh check of their batch size
+        mesh_from_config(MeshConfig(data=2, fsdp=2, tensor=2), cfg, batch=6)
         res["bad_batch_error"] = None
     except ShardingError as e:
         res["bad_batch_error"] = str(e)
@@ -435,17 +470,17 @@ def main() -> dict:
     ref_params, ref_losses = reference_update(params0, sc["batch"], sc["cfg"], sc["loss_cfg"], steps=2)
     res["update_losses"] = losses
     res["update_ref_losses"] = ref_losses
-    res["update_rel_delta_err"] = _rel_delta_err(params0, state["params"], ref_params)
-    res["update_param_maxdiff"] = _max_diff(state["params"], ref_params)
-    res["update_step"] = int(state["step"])
-    mu = state["opt_state"][0].mu
+    res["update_rel_delta_err"] = _rel_delta_err(params0, state.params, ref_params)
+    res["update_param_maxdiff"] = _max_diff(state.params, ref_params)
+    res["update_step"] = int(state.step)
+    mu = state.opt_state[0].mu
     res["opt_mu_spec_matches_params"] = all(
         m.sharding.spec == p.sharding.spec
-        for m, p in zip(jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(state["params"]))
+        for m, p in zip(jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(state.params))
     )
-    res["opt_count_spec"] = str(state["opt_state"][0].count.sharding.spec)
+    res["opt_count_spec"] = str(state.opt_state[0].count.sharding.spec)
 
-    res["update_checksum"] = checksum(state["params"])
+    res["update_checksum"] = checksum(state.params)
 
     # --- greedy sampling on two meshes vs one device (a GGUF-converted tiny model + real tokenizer)
     res["sampling"] = sampling_on_meshes([MeshConfig(data=1, fsdp=4, tensor=2), MeshConfig(data=2, fsdp=2, tensor=2)])

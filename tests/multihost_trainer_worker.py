@@ -38,7 +38,7 @@ def _export_checksum(path: str) -> float:
 
 
 def main(root: str) -> dict:
-    from cada_jax.sharding import initialize_distributed
+    from cada_jax.distributed import initialize_distributed
 
     method = initialize_distributed()
 

@@ -17,14 +17,15 @@ import sys
 
 
 def main(ckpt_dir: str) -> dict:
-    from cada_jax.sharding import initialize_distributed
+    from cada_jax.distributed import initialize_distributed
 
     method = initialize_distributed()
 
     import jax
     import orbax.checkpoint as ocp
 
-    from cada_jax.sharding import MeshConfig, main_print, make_mesh
+    from cada_jax.distributed import main_print
+    from cada_jax.sharding import MeshConfig, make_mesh
     from tests.mesh_worker import checksum, grpo_scenario
 
     res: dict = {
@@ -36,36 +37,37 @@ def main(ckpt_dir: str) -> dict:
     }
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sc = grpo_scenario(mesh, steps=2)
-    state, upd = sc["state"], sc["upd"]
+    state, step, state_sh = sc["state"], sc["step"], sc["state_shardings"]
     res["losses"] = sc["losses"]
-    res["checksum"] = checksum(state["params"])
+    res["checksum"] = checksum(state.params)
 
     mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    mngr.save(int(state["step"]), args=ocp.args.StandardSave(state))
+    mngr.save(int(state.step), args=ocp.args.StandardSave(state.arrays()))
     mngr.wait_until_finished()
-    main_print("checkpoint saved at step", int(state["step"]))
+    main_print("checkpoint saved at step", int(state.step))
 
     abstract = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, upd.state_shardings
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.arrays(), state_sh.arrays()
     )
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
+    restored = state.with_arrays(mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract)))
     mngr.close()
-    res["restored_step"] = int(restored["step"])
-    res["restored_checksum"] = checksum(restored["params"])
-    res["restored_opt_checksum"] = checksum(restored["opt_state"])
-    res["saved_opt_checksum"] = checksum(state["opt_state"])
+    res["restored_step"] = int(restored.step)
+    res["restored_checksum"] = checksum(restored.params)
+    res["restored_opt_checksum"] = checksum(restored.opt_state)
+    res["saved_opt_checksum"] = checksum(state.opt_state)
     res["restored_sharding_ok"] = all(
-        r.sharding == s for r, s in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(upd.state_shardings))
+        r.sharding == s for r, s in zip(jax.tree_util.tree_leaves(restored.arrays()),
+                                        jax.tree_util.tree_leaves(state_sh.arrays()))
     )
 
     # Continue from the saved state and from the restored one: the next step must agree exactly.
     # The new params depend on the restored Adam moments too, not only on the restored params.
-    s_saved, m_saved = upd.step(state, sc["gbatch"])  # donates `state`
-    s_restored, m_restored = upd.step(restored, sc["gbatch"])
+    s_saved, m_saved = step(state, sc["gbatch"])  # donates `state`
+    s_restored, m_restored = step(restored, sc["gbatch"])
     res["next_loss_saved"] = float(m_saved["loss"])
     res["next_loss_restored"] = float(m_restored["loss"])
-    res["next_checksum_saved"] = checksum(s_saved["params"])
-    res["next_checksum_restored"] = checksum(s_restored["params"])
+    res["next_checksum_saved"] = checksum(s_saved.params)
+    res["next_checksum_restored"] = checksum(s_restored.params)
     return res
 
 

@@ -18,13 +18,9 @@ from cada_jax.cada.spec import Case, Statute, default_spec
 from cada_jax.data.attacks import apply_attack
 from cada_jax.data.records import PromptRecord
 from cada_jax.eval.metrics import bootstrap_ci
-from cada_jax.eval.runner import (
-    build_items,
-    compute_summary,
-    evaluate,
-    load_suite,
-    read_results,
-)
+from cada_jax.eval.runner import evaluate, read_results
+from cada_jax.eval.suites import build_items, load_suite
+from cada_jax.eval.summary import compute_summary
 from cada_jax.rewards.judges import Verdict, make_judge
 from cada_jax.sampling import Sampler, SamplingParams
 

@@ -178,7 +178,7 @@ def test_a_config_json_that_is_not_an_object_is_one_line(tiny_model_dir, tmp_pat
 
 
 def test_non_utf8_input_files_name_their_line(tmp_path):
-    from cada_jax.data.loaders import DataFormatError, load_prompt_file
+    from cada_jax.data.readers import DataFormatError, load_prompt_file
     from cada_jax.training.grpo_batch import RLDataError, read_prompt_records
     from cada_jax.training.sft import SFTDataError, read_records
 

@@ -87,7 +87,7 @@ def test_unrolled_per_layer_path_equals_scanned(saved, case):
     """The sampler's CPU path (per-layer [out, in] weights, feature-major activations, per-layer
     cache) computes the same logits as the scanned Flax decoder, for every family's options
     (tied/untied head, GQA, q/k/v biases, q/k norms, llama3 RoPE scaling)."""
-    from cada_jax.models.decoder import split_layers
+    from cada_jax.models.unrolled import split_layers
 
     _, d = saved[case]
     params, cfg = load_params(d)
@@ -112,7 +112,8 @@ def test_last_only_logits_equal_the_last_position_of_the_full_pass(saved):
     (scanned / per-layer, with and without a cache); its logits equal the full pass's last column."""
     import jax.numpy as jnp
 
-    from cada_jax.models.decoder import forward, split_layers
+    from cada_jax.models.decoder import forward
+    from cada_jax.models.unrolled import split_layers
 
     _, d = saved[("llama", True, 4, 2)]
     params, cfg = load_params(d)

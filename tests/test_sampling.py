@@ -163,7 +163,7 @@ def test_bf16_cache(tiny):
 
 
 def test_logprobs_over_several_key_blocks(tiny):
-    """70 new tokens: the decode loop's keys span several blocks of slots (decoder.chunk_keys), and
+    """70 new tokens: the decode loop's keys span several blocks of slots (unrolled.chunk_keys), and
     the samples keep matching a full forward pass's log-softmax."""
     params, cfg, tok, _ = tiny
     sampler = Sampler(cfg, tok)
@@ -265,14 +265,15 @@ def test_shared_prefix_prefill_equals_per_row_prefill(tiny):
 def test_categorical_matches_inverse_cdf_and_frequencies():
     """The two-level CDF search against a flat numpy inverse CDF on the same uniforms, and the
     drawn frequencies against the weights; zero weights are never drawn (V not a block multiple)."""
-    from cada_jax.sampling import _categorical
+    from cada_jax.sampling import _categorical_vocab_major
 
     rng = np.random.default_rng(0)
     V, S = 1000, 20000
     w = rng.exponential(size=V).astype(np.float32) ** 3
     w[rng.choice(V, 300, replace=False)] = 0.0
     keys = jax.random.split(jax.random.PRNGKey(1), S)
-    toks = np.asarray(jax.jit(_categorical)(keys, jnp.broadcast_to(jnp.asarray(w), (S, V))))
+    # the sampler's own draw, on vocabulary-major weights [V, S]
+    toks = np.asarray(jax.jit(_categorical_vocab_major)(keys, jnp.broadcast_to(jnp.asarray(w)[:, None], (V, S))))
     assert w[toks].min() > 0
     u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32, 1e-7, 1.0))(keys), np.float64)
     cdf = np.cumsum(w.astype(np.float64))

@@ -36,6 +36,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cada_jax.config import ConfigError, load_config
+from cada_jax.distributed import detect_cluster, initialize_distributed, main_print
+from cada_jax.memory import memory_estimate
 from cada_jax.models.config import ModelConfig
 from cada_jax.models.decoder import param_logical_axes, param_shapes
 from cada_jax.sharding import (
@@ -43,20 +45,16 @@ from cada_jax.sharding import (
     MeshConfig,
     ShardingError,
     batch_sharding,
-    detect_cluster,
-    initialize_distributed,
     is_main_process,
     logical_to_mesh,
-    main_print,
     make_mesh,
-    memory_estimate,
     opt_state_shardings,
     param_shardings,
-    per_device_param_bytes,
     rules_for,
     shard_params,
     validate,
 )
+from tests.mesh_worker import per_device_param_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = "--xla_backend_optimization_level=0"

@@ -103,7 +103,7 @@ def main(out: str, model_dir: str, kind: str) -> dict:
     from cada_jax.config import load_config
     from cada_jax.training.grpo import GRPOTrainer
     from cada_jax.training.sft import train_sft
-    from cada_jax.sharding import per_device_param_bytes
+    from tests.mesh_worker import per_device_param_bytes
 
     grpo_mesh, sft_mesh, lora_mesh = ("f4t2", "d2f2t2", "f4t2") if kind == "mesh" else ("single",) * 3
     res: dict = {"devices": jax.device_count()}

@@ -63,7 +63,7 @@ def _write_state(run_dir: str, state: dict) -> None:
 
 
 def _log(msg: str) -> None:
-    from cada_jax.sharding import main_print
+    from cada_jax.distributed import main_print
 
     main_print(f"[cada pipeline] {msg}", flush=True)
 
@@ -129,7 +129,8 @@ def check_judges(cfg: Config) -> None:
 
 
 def _evaluate(cfg: Config, model: _Model, out_dir: str, tag: str) -> dict:
-    from cada_jax.eval.runner import evaluate, load_suite
+    from cada_jax.eval.runner import evaluate
+    from cada_jax.eval.suites import load_suite
     from cada_jax.sampling import SamplingParams
 
     e = cfg.eval

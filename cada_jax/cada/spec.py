@@ -40,6 +40,7 @@ from cada_jax.cada.specfile import (
     text_field,
     text_list,
 )
+from cada_jax.files import jsonl_records
 
 VERDICTS: tuple[str, ...] = ("refuse", "comply", "safe_complete")
 
@@ -267,17 +268,7 @@ def load_precedents(path: str | Path | None = None, categories: Categories | Non
     text = read_text(path, "precedents", DEFAULT_PRECEDENTS)
     out: list[Case] = []
     first_line: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise spec_error(path, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})",
-                             "write one JSON object per line") from None
-        if not isinstance(rec, dict):
-            raise spec_error(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}",
-                             "write one JSON object per line")
+    for lineno, rec in jsonl_records(text, path, spec_error):
         check_keys(rec, _CASE_KEYS, path, lineno, "a precedent")
         for key in _CASE_REQUIRED:
             if key not in rec:

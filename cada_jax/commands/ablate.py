@@ -54,7 +54,7 @@ def cmd_ablate_train(args) -> int:
 
 def cmd_ablate(args) -> int:
     from cada_jax.eval.ablation import DEFAULT_ABLATION_ATTACKS, ablate
-    from cada_jax.eval.runner import check_variant
+    from cada_jax.eval.suites import check_variant
 
     if args.train:
         return cmd_ablate_train(args)

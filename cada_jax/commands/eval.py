@@ -74,7 +74,7 @@ def attacks_from_args(args) -> tuple[str, ...]:
 
 def records_from_args(args, *, allow_prompts: bool = True):
     """The PromptRecords named by --suite/--data or --prompts/--label (+ --utility sets)."""
-    from cada_jax.eval.runner import load_suite, load_utility
+    from cada_jax.eval.suites import load_suite, load_utility
 
     prompts = getattr(args, "prompts", None) if allow_prompts else None
     if prompts is not None:
@@ -82,7 +82,7 @@ def records_from_args(args, *, allow_prompts: bool = True):
             raise ValueError("give either --prompts FILE --label L or --suite NAME [--data PATH], not both")
         if getattr(args, "label", None) is None:
             raise ValueError("--prompts needs --label harmful or --label benign")
-        from cada_jax.data.loaders import load_prompt_file
+        from cada_jax.data.readers import load_prompt_file
 
         records = load_prompt_file(prompts, label=args.label, field=args.field, limit=args.limit,
                                    category_field=getattr(args, "category_field", None))
@@ -163,7 +163,9 @@ def cmd_eval(args) -> int:
     from cada_jax.checkpoints.load import load_model
     from cada_jax.eval.report import format_table
     from cada_jax.eval.report_run import build_run_report
-    from cada_jax.eval.runner import check_variant, evaluate, summary_rows
+    from cada_jax.eval.runner import evaluate
+    from cada_jax.eval.suites import check_variant
+    from cada_jax.eval.summary import summary_rows
 
     # everything that can be checked without the model first
     check_variant(args.variant)
@@ -177,7 +179,7 @@ def cmd_eval(args) -> int:
     model_dir, params, cfg, tok = load_model(args.model, args.dtype)
     spec = spec_from_args(section, stage_model=(params, cfg, tok, model_dir), dtype=args.dtype)
     if args.variant == "cases" and spec.embed_fn is not None:
-        from cada_jax.eval.runner import build_items
+        from cada_jax.eval.suites import build_items
 
         # embed every (attacked) request in batches now, rather than one at a time while prompting
         items = build_items(records, variant="none", attacks=attacks, attack_benign=args.attack_benign)

@@ -25,7 +25,7 @@ def cmd_pipeline(args) -> int:
     if args.describe:
         return _describe()
     from cada_jax.cada.pipeline import run_pipeline
-    from cada_jax.sharding import initialize_distributed, main_print
+    from cada_jax.distributed import initialize_distributed, main_print
 
     cfg = _config(args)
     initialize_distributed()

@@ -23,7 +23,7 @@ def cmd_rl(args) -> int:
         return 0
     if not args.config:
         raise ValueError("cada rl: give a YAML config (cada rl CONFIG [key=value ...]); see cada rl --describe")
-    from cada_jax.sharding import initialize_distributed, main_print
+    from cada_jax.distributed import initialize_distributed, main_print
 
     initialize_distributed()  # joins a multi-host job (TPU pod, SLURM, CADA_COORDINATOR ...); no-op on one host
     import cada_jax.cada.rewards  # noqa: F401  (CADA's rewards, cada_safety ..., can be named in rl.rewards)

@@ -22,7 +22,7 @@ def cmd_sft(args) -> int:
         return 0
     if not args.config:
         raise ValueError("cada sft: give a YAML config (cada sft CONFIG [key=value ...]); see cada sft --describe")
-    from cada_jax.sharding import initialize_distributed, main_print
+    from cada_jax.distributed import initialize_distributed, main_print
 
     initialize_distributed()  # joins a multi-host job (TPU pod, SLURM, CADA_COORDINATOR ...); no-op on one host
     from cada_jax.training.sft import train_sft

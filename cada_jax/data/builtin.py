@@ -19,10 +19,11 @@ tests/test_builtin_data.py checks the shipped files against the shipped spec's c
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Sequence
+
+from cada_jax.files import jsonl_records
 
 BUILTIN_DIR = Path(__file__).resolve().with_name("builtin")
 BUILTIN_SETS: tuple[str, ...] = ("harmful", "benign", "lookalike")
@@ -81,17 +82,7 @@ def read_prompt_file(path: str | Path, *, expected_label: str | None = None,
     except UnicodeDecodeError as e:
         lineno = path.read_bytes()[: e.start].count(b"\n") + 1
         raise _bad(path, lineno, None, "not UTF-8 text", "save the file as UTF-8") from None
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise _bad(path, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})",
-                       "write one JSON object per line") from None
-        if not isinstance(rec, dict):
-            raise _bad(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}",
-                       "write one JSON object per line")
+    for lineno, rec in jsonl_records(text, path, _bad):
         for key in rec:
             if key not in _REQUIRED + _OPTIONAL:
                 raise _bad(path, lineno, key, "unknown field", f"use only {', '.join(_REQUIRED + _OPTIONAL)}")

@@ -28,14 +28,10 @@ from cada_jax.cada.prompts import VARIANTS
 from cada_jax.cada.spec import Spec
 from cada_jax.data.records import PromptRecord
 from cada_jax.eval.report import format_table, write_report
-from cada_jax.eval.runner import (
-    METRICS,
-    atomic_write_text,
-    check_attacks,
-    check_variant,
-    evaluate,
-    load_suite,
-)
+from cada_jax.eval.runner import evaluate
+from cada_jax.eval.suites import check_attacks, check_variant, load_suite
+from cada_jax.eval.summary import METRICS
+from cada_jax.files import atomic_write_text
 from cada_jax.sampling import Sampler, SamplingParams
 
 __all__ = ["DEFAULT_ABLATION_ATTACKS", "ablate", "ablation_table", "resolve_trained"]

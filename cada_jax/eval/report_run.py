@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cada_jax.eval.report import write_report
-from cada_jax.eval.runner import METRICS, RESULTS_FILE, SUMMARY_FILE, read_results
+from cada_jax.eval.runner import RESULTS_FILE, SUMMARY_FILE, read_results
+from cada_jax.eval.summary import METRICS
 
 __all__ = ["build_run_report", "find_metrics", "find_summaries", "pick_examples"]
 
