@@ -71,7 +71,7 @@ def judge_from_config(cfg, name: str, model_dir: str = "", *, mesh=None):
     """The judge `name` (rule | llm | http | a registered one) with the settings of ``cfg.judge``.
 
     `model_dir`: the stage's own model, judging for an `llm` judge when ``judge.model`` is empty."""
-    import cada_jax.rewards  # noqa: F401  (registers every built-in judge)
+    import cada_jax.rewards.http_judge  # noqa: F401  (registers the rule, llm and http judges)
     from cada_jax.rewards.judges import make_judge
 
     j = cfg.judge

@@ -237,7 +237,7 @@ class RewardSet:
         """The judge called `name` (built once, from `judges`)."""
         if name not in self._judge_cache:
             if self._judges is None:
-                import cada_jax.rewards  # noqa: F401  (registers the built-in judges)
+                import cada_jax.rewards.http_judge  # noqa: F401  (registers the rule, llm and http judges)
                 from cada_jax.rewards.judges import make_judge
 
                 try:
