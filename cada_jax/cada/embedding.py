@@ -151,11 +151,10 @@ class LazyModelEmbedder:
     @property
     def inner(self) -> DecoderEmbedder:
         if self._inner is None:
-            from cada_jax.checkpoints.hf import load_params
-            from cada_jax.tokenizer import Tokenizer
+            from cada_jax.checkpoints.load import load_model
 
-            params, cfg = load_params(self.model_dir, self.cfg)
-            self._inner = DecoderEmbedder(params, cfg, Tokenizer(self.model_dir), identity=self.model_id,
+            m = load_model(self.model_dir, config=self.cfg, progress=False)
+            self._inner = DecoderEmbedder(m.params, m.config, m.tokenizer, identity=self.model_id,
                                           batch_size=self.batch_size, max_len=self.max_len)
             for texts, vectors in self._pending:
                 self._inner.remember(texts, vectors)

@@ -92,16 +92,11 @@ class _Model:
     """A loaded model + tokenizer + sampler, loaded lazily and reused across stages."""
 
     def __init__(self, cfg: Config, path: str):
-        from cada_jax.checkpoints.gguf_import import resolve_model
-        from cada_jax.checkpoints.hf import load_params
-        from cada_jax.models.config import load_config
+        from cada_jax.checkpoints.load import load_model
         from cada_jax.sampling import Sampler
-        from cada_jax.tokenizer import Tokenizer
 
-        self.dir = resolve_model(path)
-        mcfg = load_config(self.dir, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-        self.params, self.cfg = load_params(self.dir, mcfg)
-        self.tokenizer = Tokenizer(self.dir)
+        self.dir, self.params, self.cfg, self.tokenizer = load_model(path, cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                                                     progress=cfg.run.progress)
         self.sampler = Sampler(self.cfg, self.tokenizer, max_seq_len=min(cfg.model.max_seq_len, self.cfg.max_position_embeddings))
 
 

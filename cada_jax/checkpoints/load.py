@@ -21,21 +21,23 @@ class LoadedModel:
         return iter((self.dir, self.params, self.config, self.tokenizer))
 
 
-def load_model(name_or_path: str, dtype: str | None = None, *, mesh=None, progress: bool = True) -> LoadedModel:
+def load_model(name_or_path: str, dtype: str | None = None, *, param_dtype: str | None = None, config=None,
+               mesh=None, progress: bool = True) -> LoadedModel:
     """Load a HF safetensors directory, or a bundled model by name (``smollm2-135m-instruct``, a
     GGUF converted once into the cache).
 
-    `dtype`: compute and storage dtype (default: the config's). `mesh`: a `jax.sharding.Mesh`; the
-    weights are then created directly in their shards (`sharding.param_shardings`), as the trainers
-    place theirs."""
+    `dtype`: compute dtype, and storage dtype unless `param_dtype` is given (default: the
+    config.json's). `config`: a `ModelConfig` to use as it is (e.g. with a run's remat and attention
+    settings) instead of reading config.json. `mesh`: a `jax.sharding.Mesh`; the weights are then
+    created directly in their shards (`sharding.param_shardings`)."""
     from cada_jax.checkpoints.gguf_import import resolve_model
     from cada_jax.checkpoints.hf import load_params
     from cada_jax.models.config import load_config
     from cada_jax.tokenizer import Tokenizer
 
     model_dir = resolve_model(name_or_path, progress=progress)
-    overrides = {"dtype": dtype, "param_dtype": dtype} if dtype else {}
-    cfg = load_config(model_dir, **overrides)
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype or dtype)) if v}
+    cfg = config if config is not None else load_config(model_dir, **overrides)
     shardings = None
     if mesh is not None:
         from cada_jax.sharding import param_shardings

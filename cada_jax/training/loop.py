@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from cada_jax.config import Config, dump_yaml, to_dict
 from cada_jax.files import atomic_write_json, run_lock
-from cada_jax.sharding import is_main_process, param_shardings, shard_params
+from cada_jax.sharding import is_main_process, shard_params
 from cada_jax.training import placement
 from cada_jax.training.checkpointing import Checkpointer, PreemptionGuard, SkipStreak, check_resume
 from cada_jax.training.data import iterator_state, restore_iterator
@@ -203,9 +203,9 @@ def start_state(cfg: Config, ckpt: Checkpointer, iterator, tx, *, lora_key, stat
         restore_iterator(iterator, restored.data_state, source=f"{ckpt.directory}/{restored.step}")
     base = None
     if lora_cfg is not None or restored is None or reference:
-        from cada_jax.checkpoints.hf import load_params
+        from cada_jax.checkpoints.load import load_model
 
-        base, _ = load_params(model_dir, model_cfg, shardings=param_shardings(model_cfg, mesh))
+        base = load_model(model_dir, config=model_cfg, mesh=mesh, progress=False).params
     trainable, frozen = None, None
     if lora_cfg is not None:
         from cada_jax.training.lora import init_lora
