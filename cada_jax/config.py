@@ -50,6 +50,7 @@ __all__ = [
     "MeshSection",
     "SFTSection",
     "RewardSpec",
+    "DataSource",
     "RLSection",
     "RunSection",
     "GenerateSection",
@@ -275,9 +276,22 @@ class RLSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSource:
+    name: str = _f("", "builtin (the shipped harmful/benign/look-alike sets) or a benchmark loader: advbench, strongreject, rho_pairs, rho_overrefusal, harmbench, bigbench_general_knowledge, ... (`cada eval --list-suites`)")
+    split: str = _f("", "the loader's split (builtin: train | test; strongreject: a source to keep, or !source to drop; rho_pairs: benign | harmful); '' = its default")
+    path: str = _f("", "a local file of that benchmark; '' = the copy an installed package ships (or the built-in sets)")
+    limit: int = _f(0, "take N records (builtin: N per set, categories in turn; others: after a shuffle seeded by run.seed); 0 = all")
+
+    def __post_init__(self):
+        _check(bool(self.name), "sources[].name", "must be 'builtin' or a benchmark loader name, e.g. {name: advbench, limit: 100}")
+        _check(self.limit >= 0, "sources[].limit", f"must be >= 0 (0 = all), got {self.limit}")
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerateSection:
     data: str = _f("", "JSONL of training requests {prompt, label: harmful|benign, category}; empty = the built-in train sets")
-    limit: int = _f(0, "N requests of each built-in set, taking its categories in turn (or the first N of the file); 0 = all")
+    limit: int = _f(0, "N requests of each built-in set, taking its categories in turn (or the first N of the file); 0 = all. Not used with generate.sources")
+    sources: tuple[DataSource, ...] = _f((), "training requests from several sets, e.g. [{name: builtin, limit: 40}, {name: advbench, limit: 100}]; empty = the built-in train sets (generate.limit each). With pipeline.rl_fresh, RL takes the next `limit` of each source")
     variant: Literal["none", "code", "simple", "cases"] = _f("cases", "what the model sees while it writes its chains: cases = statutes + precedents (CADA)")
     n: int = _f(4, "chains sampled per request; the best passing one is kept")
     k_cases: int = _f(3, "precedent cases retrieved per request (variant cases)")
@@ -345,6 +359,8 @@ class EvalSection:
     suite: str = _f("builtin", "evaluation suite: builtin (held-out harmful/benign/look-alike test sets) or a loader name with eval.data")
     data: str = _f("", "local file for a loader suite (strongreject, xstest, ...)")
     limit: int = _f(0, "first N prompts of each set; 0 = all")
+    sets: tuple[DataSource, ...] = _f((), "further held-out sets evaluated with the suite and reported apart, e.g. [{name: strongreject, split: custom, limit: 40}]; a prompt that is also a training request is dropped")
+    utility: tuple[DataSource, ...] = _f((), "multiple-choice utility sets scored by the log-likelihood of each option, before and after, e.g. [{name: bigbench_general_knowledge}]")
     attacks: tuple[str, ...] = _f(("none",), "jailbreak transforms applied to harmful prompts (cada_jax.data.attacks)")
     judge: Literal["rule", "llm", "http"] = _f("rule", "judge of the final answers: rule | llm | http (settings in the judge section)")
     max_new_tokens: int = _f(256, "longest completion during evaluation")
@@ -374,8 +390,11 @@ class PipelineSection:
 
 
 def _check_rl_fresh(cfg) -> None:
-    _check(not cfg.pipeline.rl_fresh or cfg.generate.limit > 0 or cfg.pipeline.rl_data, "pipeline.rl_fresh",
-           "needs generate.limit > 0: with limit 0 the generate stage already uses every training request")
+    g = cfg.generate
+    limited = any(s.limit > 0 for s in g.sources) if g.sources else g.limit > 0
+    _check(not cfg.pipeline.rl_fresh or limited or cfg.pipeline.rl_data, "pipeline.rl_fresh",
+           "needs generate.limit > 0 (or a generate.sources entry with a limit): with no limit the generate stage already uses every training request")
+    _check(not (g.sources and g.data), "generate.sources", "give generate.data (one JSONL file) or generate.sources, not both")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,23 +69,53 @@ def _log(msg: str) -> None:
 
 
 def training_requests(cfg: Config, *, fresh: bool = False) -> list[dict]:
-    """The requests of self-generation (and, by default, of RL).
+    """The requests of self-generation (and, by default, of RL): `generate.data`, else
+    `generate.sources`, else the built-in train sets (`generate.limit` each).
 
-    `fresh=True`: the next `generate.limit` requests of each set (of the file) after those, for an
+    `fresh=True`: the next window of each source (the next `limit` requests after those), for an
     RL stage on requests the SFT data did not contain (empty when there are no more)."""
     from cada_jax.data.builtin import BUILTIN_SETS, load_builtin, round_robin
 
     g = cfg.generate
-    lo, hi = (g.limit, 2 * g.limit) if fresh else (0, g.limit or None)
     if g.data:
         from cada_jax.training.grpo_batch import read_prompt_records
 
+        lo, hi = (g.limit, 2 * g.limit) if fresh else (0, g.limit or None)
         return read_prompt_records(g.data, key="generate.data")[lo:hi]
+    if g.sources:
+        from cada_jax.data.sources import source_records
+
+        return [_request(r) for src in g.sources
+                for r in source_records(src, default_split="train", seed=cfg.run.seed, window=int(fresh))]
+    lo, hi = (g.limit, 2 * g.limit) if fresh else (0, g.limit or None)
     rows = []
     for name in BUILTIN_SETS:  # a limit takes each category in turn, as the eval suite does
         part = load_builtin(name, "train")
-        rows.extend(round_robin(part, "resembles" if name == "lookalike" else "category")[lo:hi] if g.limit else part)
+        part = round_robin(part, "resembles" if name == "lookalike" else "category")[lo:hi] if g.limit else part
+        rows.extend({**r, "source": f"builtin:{name}"} for r in part)
     return rows
+
+
+def request_sources(requests: list[dict]) -> dict:
+    """{source: {label: count}} of training requests (where each came from, for stats.json)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in requests:
+        src = str(r.get("source") or "generate.data")
+        src = "builtin" if src.startswith("builtin") else src
+        out.setdefault(src, {}).setdefault(r["label"], 0)
+        out[src][r["label"]] += 1
+    return out
+
+
+def _request(rec) -> dict:
+    """A training request (the dict generate and RL read) from a `PromptRecord`."""
+    out = {"id": rec.id, "prompt": rec.prompt, "label": rec.label, "source": rec.source}
+    category = rec.category
+    if rec.meta.get("resembles"):  # a built-in look-alike: benign, and which hazard it resembles
+        out["resembles"], category = rec.meta["resembles"], "benign"
+    if category is not None:
+        out["category"] = category
+    return out
 
 
 class _Model:
@@ -123,30 +153,119 @@ def check_judges(cfg: Config) -> None:
         raise PipelineError(str(e)) from None
 
 
-def _evaluate(cfg: Config, model: _Model, out_dir: str, tag: str) -> dict:
-    from cada_jax.eval.runner import evaluate
+def trained_prompts(cfg: Config) -> set[str]:
+    """Every request the run's generate and RL stages train on, normalised
+    (`cada_jax.data.sources.normalize_prompt`): held-out prompts equal to one of them are dropped."""
+    from cada_jax.data.sources import normalize_prompt
+
+    rows = training_requests(cfg) if "generate" in cfg.pipeline.stages or "rl" in cfg.pipeline.stages else []
+    if "rl" in cfg.pipeline.stages:
+        if cfg.pipeline.rl_data:
+            from cada_jax.training.grpo_batch import read_prompt_records
+
+            rows = rows + read_prompt_records(cfg.pipeline.rl_data, key="pipeline.rl_data")
+        elif cfg.pipeline.rl_fresh:
+            rows = rows + training_requests(cfg, fresh=True)
+    return {normalize_prompt(str(r["prompt"])) for r in rows if isinstance(r.get("prompt"), str)}
+
+
+def eval_records(cfg: Config, seen: set[str]) -> tuple[list, dict]:
+    """The held-out records: `eval.suite` plus each of `eval.sets` (its records' `source` set to the
+    source's name), less any prompt in `seen`; and {set: {"records", "dropped"}}."""
+    from cada_jax.data.sources import drop_overlap, source_name, source_records
     from cada_jax.eval.suites import load_suite
+
+    e = cfg.eval
+    parts = [(e.suite, load_suite(e.suite, e.data or None, limit=e.limit or None))]
+    for src in e.sets:
+        recs = source_records(src, default_split="test", seed=cfg.run.seed)
+        for r in recs:
+            r.source = source_name(src)
+        parts.append((source_name(src), recs))
+    records, sizes = [], {}
+    for name, recs in parts:
+        kept, dropped = drop_overlap(recs, seen)
+        if dropped:
+            _log(f"eval set {name}: dropped {len(dropped)} prompt(s) that are also training requests (e.g. {dropped[0].id!r})")
+        if not kept:
+            raise PipelineError(f"eval set {name}: every prompt is also a training request; evaluate on a held-out set")
+        sizes[name] = {"records": len(kept), "dropped": len(dropped)}
+        records.extend(kept)
+    return records, sizes
+
+
+def _evaluate(cfg: Config, model: _Model, out_dir: str, tag: str, seen: set[str]) -> dict:
+    from cada_jax.eval.runner import evaluate
     from cada_jax.sampling import SamplingParams
 
     e = cfg.eval
-    records = load_suite(e.suite, e.data or None, limit=e.limit or None)
+    records, sizes = eval_records(cfg, seen)
     sp = SamplingParams(max_new_tokens=e.max_new_tokens, temperature=0.0)
     try:
-        return evaluate(model.params, model.cfg, model.tokenizer, records, variant="none", attacks=tuple(e.attacks),
-                        judge=judge_from_config(cfg, e.judge, model.dir), sampling=sp, batch_size=e.batch_size,
-                        out_dir=out_dir, sampler=model.sampler, tag=tag, model_name=model.dir, seed=cfg.run.seed,
-                        progress=cfg.run.progress)
+        summary = evaluate(model.params, model.cfg, model.tokenizer, records, variant="none", attacks=tuple(e.attacks),
+                           judge=judge_from_config(cfg, e.judge, model.dir), sampling=sp, batch_size=e.batch_size,
+                           out_dir=out_dir, sampler=model.sampler, tag=tag, model_name=model.dir, seed=cfg.run.seed,
+                           progress=cfg.run.progress)
     finally:
         model.sampler.release_weights()  # the training stages that follow need the memory
+    if e.utility:
+        _utility(cfg, model, out_dir)
+    atomic_write_json(os.path.join(out_dir, "sets.json"), sizes)
+    return summary
+
+
+def _utility(cfg: Config, model: _Model, out_dir: str) -> None:
+    """Multiple-choice accuracy (log-likelihood of each option) on `eval.utility`, into utility.json."""
+    from cada_jax.data.sources import source_name, source_records
+    from cada_jax.eval.likelihood import mc_accuracy
+
+    out = {}
+    for src in cfg.eval.utility:
+        name = source_name(src)
+        recs = source_records(src, default_split="test", seed=cfg.run.seed)
+        bad = [r.id for r in recs if not r.choices or not r.answer]
+        if bad:
+            raise PipelineError(f"eval.utility {name}: record {bad[0]!r} has no choices and answer; name a multiple-choice set")
+        _log(f"utility {name}: scoring {len(recs)} multiple-choice items by log-likelihood")
+        res = mc_accuracy(model.params, model.cfg, model.tokenizer, recs, batch_size=cfg.eval.batch_size, progress=cfg.run.progress)
+        out[name] = {"accuracy": res["accuracy"], "ci95": res["ci95"], "n": res["n"], "correct": res["correct"],
+                     "ids": [r.id for r in recs]}
+    atomic_write_json(os.path.join(out_dir, "utility.json"), out)
+
+
+def utility_of(eval_dir: str) -> dict | None:
+    path = os.path.join(eval_dir, "utility.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def headline(results_path: str) -> dict:
-    """Harmful refusal, benign/look-alike compliance and format rates from a results.jsonl."""
+    """Harmful refusal, benign/look-alike compliance and format rates from a results.jsonl; with
+    more than one prompt set in it (the suite and `eval.sets`), the same per set under `sets`."""
     rows = []
     with open(results_path) as f:
         for line in f:
             if line.strip():
                 rows.append(json.loads(line))
+    rows = [r for r in rows if r.get("label") != "utility"]
+    out = _headline_of(rows)
+    groups: dict[str, list] = {}
+    for r in rows:
+        groups.setdefault(eval_set_of(r), []).append(r)
+    if len(groups) > 1:
+        out["sets"] = {name: _headline_of(sel) for name, sel in groups.items()}
+    return out
+
+
+def eval_set_of(row: dict) -> str:
+    """The prompt set a result row belongs to: `builtin` for the built-in sets, else its source."""
+    source = str(row.get("source") or "")
+    return "builtin" if source.startswith("builtin") else (row.get("eval_set") or source or "records")
+
+
+def _headline_of(rows: list) -> dict:
     plain = [r for r in rows if r.get("attack") in (None, "none")]
 
     def rate(sel, key):
@@ -156,6 +275,7 @@ def headline(results_path: str) -> dict:
     harmful = [r for r in plain if r["label"] == "harmful"]
     look = [r for r in plain if r["label"] == "benign" and str(r.get("source", "")).endswith("lookalike")]
     benign = [r for r in plain if r["label"] == "benign" and not str(r.get("source", "")).endswith("lookalike")]
+
     def helped(sel):  # answered and not refused (a missing final answer helps nobody)
         xs = [bool(r.get("answered", True)) and not r["refused"] for r in sel if r.get("refused") is not None]
         return (sum(xs) / len(xs)) if xs else float("nan")
@@ -171,7 +291,7 @@ def headline(results_path: str) -> dict:
         # a missing final answer is neither a refusal nor help: shown apart, so a model that rambles
         # until its token budget is visible
         "no_answer_rate": (sum(missing(r) for r in plain) / len(plain)) if plain else float("nan"),
-        # coherence: a policy that opens every completion with the same sentence has collapsed
+        # coherence: a policy that opens every answer with the same sentence has collapsed
         "distinct_openings": _distinct_openings(plain),
         "mean_answer_words": (sum(len(str(r.get("answer") or "").split()) for r in plain) / len(plain)) if plain else float("nan"),
         "n_harmful": len(harmful),
@@ -185,17 +305,21 @@ def headline(results_path: str) -> dict:
 
 
 def _distinct_openings(rows) -> float:
-    """Share of distinct first sentences among the completions (tags removed, case folded)."""
+    """Share of distinct first sentences among the answers (case folded; the whole completion,
+    tags removed, when a row has no answer). The answer, not the reasoning: a template reasoning
+    opens alike by design, while answers that all open with one sentence mean the policy collapsed."""
     import re
 
     firsts = []
     for r in rows:
-        text = re.sub(r"</?\s*(reasoning|answer)\s*>", " ", str(r.get("completion") or ""), flags=re.I).strip()
+        text = str(r.get("answer") or "").strip()
+        if not text:
+            text = re.sub(r"</?\s*(reasoning|answer)\s*>", " ", str(r.get("completion") or ""), flags=re.I).strip()
         firsts.append(" ".join(re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].lower().split()))
     return len(set(firsts)) / len(firsts) if firsts else float("nan")
 
 
-def before_after_table(before: dict | None, after: dict | None) -> str:
+def before_after_table(before: dict | None, after: dict | None, *, set_name: str | None = None) -> str:
     from cada_jax.eval.report import format_table
 
     cols = ["model", "harmful refusal", "look-alike compliance", "benign compliance", "format rate", "no final answer",
@@ -207,9 +331,53 @@ def before_after_table(before: dict | None, after: dict | None) -> str:
     for name, h in (("before", before), ("after", after)):
         if h:
             words = h.get("mean_answer_words")
-            rows.append([name] + [f"{100 * h[k]:.1f}%" if k in h else "n/a" for k in keys]
+            rows.append([name] + [f"{100 * h[k]:.1f}%" if k in h and h[k] == h[k] else "n/a" for k in keys]
                         + [f"{words:.0f}" if isinstance(words, (int, float)) and words == words else "n/a"])
-    return format_table(cols, rows, better)
+    table = format_table(cols, rows, better)
+    return f"{set_name}\n{table}" if set_name else table
+
+
+def headline_tables(before: dict | None, after: dict | None) -> str:
+    """The before/after table of every prompt set (one table when there is one set), then the
+    utility sets: accuracy with its 95% CI, before and after, and McNemar's p over the same items."""
+    sets = (after or {}).get("sets") or {}
+    if not sets:
+        parts = [before_after_table(before, after)]
+    else:
+        parts = [before_after_table(((before or {}).get("sets") or {}).get(name), h, set_name=f"held-out set: {name}")
+                 for name, h in sets.items()]
+    util = (after or {}).get("utility") or {}
+    if util:
+        from cada_jax.eval.report import format_table
+
+        rows = []
+        for name, a in util.items():
+            b = ((before or {}).get("utility") or {}).get(name)
+            cell = lambda u: f"{100 * u['accuracy']:.1f}% [{100 * u['ci95'][0]:.1f}, {100 * u['ci95'][1]:.1f}]"
+            rows.append([name, cell(b) if b else "n/a", cell(a), f"{a['p_value']:.3f}" if "p_value" in a else "n/a", str(a["n"])])
+        parts.append("utility (multiple choice, log-likelihood)\n"
+                     + format_table(["set", "before", "after", "McNemar p", "items"], rows, {}))
+    return "\n\n".join(parts)
+
+
+def _with_utility(h: dict | None, eval_dir: str, before_dir: str | None = None) -> dict | None:
+    """`h` plus its utility accuracies (and, for the final model, McNemar's test against the start)."""
+    if h is None:
+        return None
+    util = utility_of(eval_dir)
+    if not util:
+        return h
+    start = utility_of(before_dir) if before_dir else None
+    from cada_jax.eval.metrics import mcnemar_exact
+
+    h["utility"] = {}
+    for name, u in util.items():
+        entry = {k: u[k] for k in ("accuracy", "ci95", "n")}
+        b = (start or {}).get(name)
+        if b and b.get("ids") == u.get("ids"):
+            entry["p_value"] = mcnemar_exact(u["correct"], b["correct"])["p_value"]
+        h["utility"][name] = entry
+    return h
 
 
 def _copy_model(src: str, dst: str) -> None:
@@ -287,6 +455,13 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
             loaded[path] = _Model(cfg, path)
         return loaded[path]
 
+    held_out: list[set[str]] = []
+
+    def seen() -> set[str]:  # the training requests, which the held-out sets must not contain
+        if not held_out:
+            held_out.append(trained_prompts(cfg))
+        return held_out[0]
+
     def finish(stage: str, info: dict) -> None:
         if info.get("preempted"):
             raise Preempted(f"{stage} stage stopped by a signal at step {info.get('steps')} after saving a checkpoint in "
@@ -298,7 +473,7 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     before_dir = os.path.join(run_dir, "eval", "before")
     if "eval" in stages and cfg.pipeline.eval_before and "eval_before" not in done:
         _log(f"evaluating the starting model ({base_dir})")
-        _evaluate(cfg, model(base_dir), before_dir, "before")
+        _evaluate(cfg, model(base_dir), before_dir, "before", seen())
         finish("eval_before", {"dir": before_dir})
 
     # 1. self-generation
@@ -327,6 +502,10 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
                                   min_chain_score=g.min_chain_score)
         m.sampler.release_weights()
         summary.pop("records")
+        summary["sources"] = request_sources(requests)
+        if "rl" in stages and not cfg.pipeline.rl_data and cfg.pipeline.rl_fresh:
+            summary["rl_sources"] = request_sources(training_requests(cfg, fresh=True))
+        summary["eval_sets"] = {name: v["records"] for name, v in eval_records(cfg, seen())[1].items()} if "eval" in stages else {}
         atomic_write_json(os.path.join(run_dir, "generate", "stats.json"), summary)
         if summary["kept"] == 0:
             raise PipelineError(
@@ -414,13 +593,14 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     if "eval" in stages:
         if "eval_after" not in done:
             _log(f"evaluating the final model ({current})")
-            _evaluate(cfg, model(current), after_dir, "after")
+            _evaluate(cfg, model(current), after_dir, "after", seen())
             finish("eval_after", {"dir": after_dir})
         from cada_jax.eval.report_run import build_run_report
 
         before = headline(os.path.join(before_dir, "results.jsonl")) if os.path.isdir(before_dir) else None
-        after = headline(os.path.join(after_dir, "results.jsonl"))
-        result.update(before=before, after=after, table=before_after_table(before, after))
+        before = _with_utility(before, before_dir)
+        after = _with_utility(headline(os.path.join(after_dir, "results.jsonl")), after_dir, before_dir)
+        result.update(before=before, after=after, table=headline_tables(before, after))
         atomic_write_json(os.path.join(run_dir, "headline.json"), {"before": before, "after": after})
         paths = build_run_report(run_dir, title=f"CADA pipeline: {cfg.run.name}")
         result["report"] = {k: str(v) for k, v in paths.items()} if isinstance(paths, dict) else str(paths)

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from cada_jax.data.records import PromptRecord
 from cada_jax.files import jsonl_records
 
 BUILTIN_DIR = Path(__file__).resolve().with_name("builtin")
@@ -148,4 +149,26 @@ def round_robin(rows: list[dict], key: str) -> list[dict]:
     while len(out) < len(rows):
         out.extend(q[depth] for q in queues if depth < len(q))
         depth += 1
+    return out
+
+
+def builtin_records(limit: int | None, split: str, *, offset: int = 0) -> list[PromptRecord]:
+    """The three built-in sets of `split` as `PromptRecord`s (harmful, benign, look-alike in turn).
+
+    `limit` applies to each set and takes its categories in turn (`round_robin`); `offset` skips
+    that many of each set first (the next window of requests). Look-alikes get the category
+    `lookalike:<category they resemble>` and keep `resembles` in `meta`."""
+    out = []
+    for name in BUILTIN_SETS:
+        rows = load_builtin(name, split)
+        if limit is not None or offset:
+            rows = round_robin(rows, "resembles" if name == "lookalike" else "category")
+            rows = rows[offset:offset + limit] if limit is not None else rows[offset:]
+        for r in rows:
+            category = f"lookalike:{r['resembles']}" if name == "lookalike" else r["category"]
+            meta = {"set": name}
+            if "resembles" in r:
+                meta["resembles"] = r["resembles"]
+            out.append(PromptRecord(id=r["id"], prompt=r["prompt"], label=r["label"], category=category,
+                                    source=f"builtin:{name}", meta=meta))
     return out

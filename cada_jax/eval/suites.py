@@ -19,27 +19,6 @@ __all__ = ["EvalItem", "available_suites", "build_items", "check_attacks", "chec
            "load_utility"]
 
 
-def _builtin_records(limit: int | None, split: str | None) -> list[PromptRecord]:
-    from cada_jax.data.builtin import BUILTIN_SETS, load_builtin, round_robin
-
-    split = split or "test"
-    out: list[PromptRecord] = []
-    for name in BUILTIN_SETS:
-        rows = load_builtin(name, split)
-        if limit is not None and limit < len(rows):
-            rows = round_robin(rows, "resembles" if name == "lookalike" else "category")[:limit]
-        for r in rows:
-            category = r["category"]
-            if name == "lookalike":
-                category = f"lookalike:{r['resembles']}"
-            meta = {"set": name}
-            if "resembles" in r:
-                meta["resembles"] = r["resembles"]
-            out.append(PromptRecord(id=r["id"], prompt=r["prompt"], label=r["label"], category=category,
-                                    source=f"builtin:{name}", meta=meta))
-    return out
-
-
 def available_suites() -> list[str]:
     """`builtin` plus every benchmark loader name (`cada_jax.data.loaders.available_loaders`)."""
     from cada_jax.data.loaders import available_loaders
@@ -62,7 +41,9 @@ def load_suite(name: str, path: str | Path | None = None, *, limit: int | None =
     if name == "builtin":
         if path is not None:
             raise ValueError("suite 'builtin' ships with the package and takes no --data; drop --data or name a loader suite")
-        return _builtin_records(limit, split)
+        from cada_jax.data.builtin import builtin_records
+
+        return builtin_records(limit, split or "test")
     from cada_jax.data.loaders import available_loaders, load_benchmark
 
     if name not in available_loaders():
