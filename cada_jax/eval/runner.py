@@ -341,8 +341,8 @@ def evaluate(
     for row in rows:
         if row["label"] == "utility":
             answer = row["answer"] or row["completion"]
-            row["correct"] = bool(mmlu_correct(answer, row["gold"]) if utility_kind(row) == "mmlu"
-                                  else gsm8k_correct(answer, row["gold"]))
+            row["correct"] = bool(mmlu_correct(answer, row["gold"], n_choices=len(row["choices"]))
+                                  if utility_kind(row) == "mmlu" else gsm8k_correct(answer, row["gold"]))
     t_judge = time.perf_counter()
 
     computed = compute_summary(rows, attacks=attacks, n_boot=n_boot, seed=seed)
