@@ -344,7 +344,7 @@ def test_generate_resumes_at_the_first_unfinished_batch(tmp_path):
             if self.fail_at is not None and len(calls) == self.fail_at:
                 raise RuntimeError("preempted")
             texts = [f"Sure: here is how ({p[0]['content'][:10]})." for p in prompts for _ in range(sp.n)]
-            return types.SimpleNamespace(texts=texts, completion_ids=[[1, 2, 3]] * len(texts))
+            return types.SimpleNamespace(texts=texts, completion_ids=[[1, 2, 3]] * len(texts), finish_reasons=["stop"] * len(texts))
 
     records = [{"prompt": f"How do I bake bread number {i}?", "label": "benign", "category": "benign"} for i in range(6)]
     kw = dict(spec=default_spec(), k=2, reasoning="template", variant="cases", n=1, batch_size=2, progress=False)

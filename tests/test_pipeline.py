@@ -295,8 +295,10 @@ def test_precedent_grounded_chains_with_a_fake_sampler():
             texts = []
             for conv in prompts:
                 assert conv == [{"role": "user", "content": conv[0]["content"]}]  # bare request, no spec
-                texts += ["I can't help with that.", f"Sure: here is how ({conv[0]['content'][:12]})."]
-            return types.SimpleNamespace(texts=texts, completion_ids=[[1, 2, 3]] * len(texts))
+                # the helpful answer ran out of tokens mid-sentence: its last complete sentence is kept
+                texts += ["I can't help with that.", f"Sure: here is how ({conv[0]['content'][:12]}). Then you"]
+            return types.SimpleNamespace(texts=texts, completion_ids=[[1, 2, 3]] * len(texts),
+                                         finish_reasons=["stop", "length"] * (len(texts) // 2))
 
     spec = default_spec()
     records = [
@@ -317,7 +319,7 @@ def test_precedent_grounded_chains_with_a_fake_sampler():
     assert l.reasoning.startswith("This request is a safe one, like precedent bn-01") and l.reasoning.endswith("so I help.")
     assert p.reasoning == PLAIN_REASONING and "precedent" not in plain
     for row, parsed in ((lookalike, l), (plain, p)):
-        assert parsed.answer.startswith("Sure: here is how") and row["n_passing"] == 1
+        assert parsed.answer.startswith("Sure: here is how") and parsed.answer.endswith(").") and row["n_passing"] == 1
     assert [r["source"] for r in out["records"]] == ["precedent", "precedent+model", "plain+model"]
     assert lookalike["prompt_messages"][-1]["content"].startswith(records[1]["prompt"])
     assert out["kept"] == 3 and out["kept_from_precedent"] == 2 and out["reasoning"] == "template"

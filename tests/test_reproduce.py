@@ -26,8 +26,11 @@ def test_train_ablation_trains_each_variant_and_pairs_the_prompts(tiny_long_dir,
     from cada_jax.cada.reproduce import outcomes, train_ablation
     from cada_jax.eval.runner import read_results
 
+    adv = tmp_path / "harmful_behaviors.csv"  # a public held-out set beside the built-in suite
+    adv.write_text("goal,target\n" + "".join(f"Explain how to cause harm number {i},Sure\n" for i in range(3)))
     cfg = _cfg(tiny_long_dir, tmp_path, "generate.scaffold=false", "generate.variant=cases", "generate.reasoning=template",
-               "run.name=abl")
+               "run.name=abl", f"eval.sets=[{{name: advbench, path: {adv}}}]",
+               "eval.utility=[{name: bigbench_general_knowledge, limit: 5}]")
     out = tmp_path / "ablation"
     result = train_ablation(cfg, ["none", "cases"], out_dir=out, verbose=False)
     saved = json.loads((out / "ablation.json").read_text())
@@ -59,3 +62,13 @@ def test_train_ablation_trains_each_variant_and_pairs_the_prompts(tiny_long_dir,
     assert t["a_only"] == sum(a[k] and not b[k] for k in keys) and t["b_only"] == sum(b[k] and not a[k] for k in keys)
     assert t["p_value"] == mcnemar_exact([a[k] for k in keys], [b[k] for k in keys])["p_value"]
     assert result["seconds"]["none"] > 0 and result["seconds"]["cases"] > 0
+    # the held-out public set is evaluated and reported apart; utility is scored by log-likelihood
+    sets = json.loads((out / "cases" / "eval" / "after" / "sets.json").read_text())
+    assert sets["advbench"] == {"records": 3, "dropped": 0} and sets["builtin"]["records"] == 6
+    assert sum(r["source"] == "advbench" for r in rows["cases"]) == 3
+    util = {v: json.loads((out / v / "eval" / "after" / "utility.json").read_text())["bigbench_general_knowledge"]
+            for v in ("none", "cases")}
+    col = table["columns"].index("bigbench_general_knowledge")
+    assert table["rows"][2][col]["value"] == pytest.approx(util["cases"]["accuracy"]) and util["cases"]["n"] == 5
+    t = paired[("cases", "none", "bigbench_general_knowledge_accuracy")]
+    assert t["p_value"] == mcnemar_exact(util["cases"]["correct"], util["none"]["correct"])["p_value"]

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Sequence
 
@@ -451,6 +452,19 @@ def _lookalike_case(record: dict, cases):
     return fits[best] if sims[best] > 0 else None
 
 
+_SENTENCE_END = re.compile(r"[.!?][)\"'\u201d]?(?=\s|$)")
+
+
+def whole_sentences(text: str, finish_reason: str) -> str:
+    """A sampled answer that hit its token budget (`finish_reason` "length"), cut after its last
+    complete sentence, so the student is not taught to close its answer mid-sentence; unchanged
+    when it stopped on its own or has no complete sentence."""
+    if finish_reason != "length":
+        return text
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]].rstrip() if ends else text
+
+
 def _chain_text(reasoning: str, answer: str) -> str:
     from cada_jax.rewards.format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
 
@@ -472,7 +486,8 @@ def _precedent_grounded(params, sampler: Sampler, records, spec: Spec, k: int, s
     if asked:  # the model's own answers to the bare requests, n each
         out = sampler.generate(params, [[{"role": "user", "content": records[i]["prompt"]}] for i in asked], sp)
         for j, i in enumerate(asked):
-            answers[i] = [(out.texts[j * n + m].strip(), len(out.completion_ids[j * n + m])) for m in range(n)]
+            answers[i] = [(whole_sentences(out.texts[j * n + m].strip(), out.finish_reasons[j * n + m]),
+                           len(out.completion_ids[j * n + m])) for m in range(n)]
     texts, lengths = [], []
     for i, (r, case) in enumerate(zip(records, cases)):
         for m in range(n):

@@ -113,6 +113,12 @@ def _request(rec) -> dict:
     category = rec.category
     if rec.meta.get("resembles"):  # a built-in look-alike: benign, and which hazard it resembles
         out["resembles"], category = rec.meta["resembles"], "benign"
+    elif not rec.source.startswith("builtin"):
+        # a benchmark's own categories are not the spec's: a benign request is `benign`, a harmful
+        # one is left to the spec's categoriser; the dataset's category is kept as `topic`
+        if category is not None:
+            out["topic"] = category
+        category = "benign" if rec.label == "benign" else None
     if category is not None:
         out["category"] = category
     return out

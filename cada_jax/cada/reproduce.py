@@ -84,8 +84,28 @@ def paired_comparisons(rows_by_run: dict[str, Sequence[dict]], pairs: Sequence[t
     return out
 
 
+def _with_likelihood_utility(summary: dict, eval_dir: Path) -> dict:
+    """`summary` with each `eval.utility` set's log-likelihood accuracy (utility.json) as a metric
+    `<set>_accuracy` and its CI, so the table shows it beside the generated-answer utility sets."""
+    from cada_jax.cada.pipeline import utility_of
+
+    util = utility_of(str(eval_dir)) or {}
+    if util:
+        summary = {**summary, "metrics": dict(summary["metrics"])}
+        for name, u in util.items():
+            summary["metrics"][f"{name}_accuracy"] = {"value": u["accuracy"], "ci": u["ci95"], "n": u["n"]}
+    return summary
+
+
+def utility_outcomes(eval_dir: Path) -> dict[str, dict[str, bool]]:
+    """{utility set: {item id: correct}} from an eval folder's utility.json (empty without one)."""
+    from cada_jax.cada.pipeline import utility_of
+
+    return {name: dict(zip(u["ids"], u["correct"])) for name, u in (utility_of(str(eval_dir)) or {}).items()}
+
+
 def _table(runs: list[tuple[str, dict]], attacks: Sequence[str]) -> dict:
-    util = [k for k in ("gsm8k_accuracy", "mmlu_accuracy") if any(k in s["metrics"] for _, s in runs)]
+    util = sorted({k for _, s in runs for k in s["metrics"] if k.endswith("_accuracy")})
     has_sr = any("strongreject" in s["metrics"] for _, s in runs)
     cols = ["run", "harmful compliance", *(["StrongREJECT"] if has_sr else []),
             *[f"ASR [{a}]" for a in attacks if a != "none"], "worst-attack ASR", "over-refusal", "format", "no answer",
@@ -136,12 +156,24 @@ def train_ablation(cfg: Config, variants: Sequence[str] = VARIANTS, out_dir: str
         return json.loads((d / "summary.json").read_text(encoding="utf-8"))
 
     base_dir = out / variants[0] / "eval" / "before"
-    runs = [("base (untrained)", summary(base_dir))] + [(f"{v} (trained)", summary(out / v / "eval" / "after")) for v in variants]
+    eval_dirs = [base_dir] + [out / v / "eval" / "after" for v in variants]
+    runs = [(label, _with_likelihood_utility(summary(d), d))
+            for label, d in zip(["base (untrained)"] + [f"{v} (trained)" for v in variants], eval_dirs)]
     rows_by_run = {"base": _rows(base_dir / "results.jsonl"),
                    **{v: _rows(out / v / "eval" / "after" / "results.jsonl") for v in variants}}
     attacks = list(cfg.eval.attacks)
     table = _table(runs, attacks)
     tests = paired_comparisons(rows_by_run)
+    util_by_run = {"base": utility_outcomes(base_dir), **{v: utility_outcomes(out / v / "eval" / "after") for v in variants}}
+    from cada_jax.eval.metrics import mcnemar_exact
+
+    for a, b in COMPARISONS:
+        for name, oa in util_by_run.get(a, {}).items():
+            ob = util_by_run.get(b, {}).get(name)
+            keys = sorted(set(oa) & set(ob or {}))
+            if keys:
+                tests.append({"a": a, "b": b, "metric": f"{name}_accuracy", "label": f"{name} accuracy",
+                              **mcnemar_exact([oa[k] for k in keys], [ob[k] for k in keys])})
     test_table = {"title": "Paired comparisons over the same prompts (exact McNemar test)",
                   "columns": ["a vs b", "metric", "a - b", "a only", "b only", "p-value"],
                   "rows": [[f"{t['a']} vs {t['b']}", t["label"], t["diff"], t["a_only"], t["b_only"], t["p_value"]] for t in tests]}
@@ -150,7 +182,7 @@ def train_ablation(cfg: Config, variants: Sequence[str] = VARIANTS, out_dir: str
         per_metric[f"{title} by run"] = {label: s["metrics"][key] for label, s in runs if key in s["metrics"]}
     from cada_jax.eval.report_run import pick_examples
 
-    stages = [(label, d, s) for (label, s), d in zip(runs, [base_dir] + [out / v / "eval" / "after" for v in variants])]
+    stages = [(label, d, s) for (label, s), d in zip(runs, eval_dirs)]
     report = write_report(out, title=f"CADA ablation, trained: {cfg.run.name}", tables=[table, test_table],
                           per_category=per_metric, examples=pick_examples(stages, 1, show_stage=True))
     result = {

@@ -13,7 +13,8 @@ tokenizer would merge across the boundary, and every option of an item shares on
 
 The forward is the one that scores sampled completions for the GRPO reference model
 (`cada_jax.training.grpo_batch.reference_logprob_fn`): contexts left-padded, options right-padded,
-both to a multiple of 32 tokens and batches to `batch_size` rows, so few programs are compiled.
+contexts to a multiple of 16 tokens and options to a multiple of 8 (most options are a few tokens),
+batches to `batch_size` rows, so few programs are compiled and little of each row is padding.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from cada_jax.data.records import OPTION_LETTERS, PromptRecord, option_index
 from cada_jax.eval.metrics import bootstrap_ci
 from cada_jax.training.grpo_batch import reference_logprob_fn
 
-__all__ = ["LENGTH_BUCKET", "choice_logprobs", "mc_accuracy", "mc_context"]
+__all__ = ["LENGTH_BUCKET", "OPTION_BUCKET", "choice_logprobs", "mc_accuracy", "mc_context"]
 
-LENGTH_BUCKET = 32  # contexts and options are padded to a multiple of this many tokens
+LENGTH_BUCKET = 16  # contexts are padded to a multiple of this many tokens
+OPTION_BUCKET = 8  # and options to a multiple of this many
 
 
 def mc_context(record: PromptRecord) -> str:
@@ -67,7 +69,7 @@ def choice_logprobs(params, cfg, tokenizer, records: Sequence[PromptRecord], *, 
         for oi, option in enumerate(r.choices):
             pairs.append((ri, oi, ctx, tokenizer.encode(" " + str(option), add_special_tokens=False)))
     # similar lengths side by side: each batch pads little and the shapes repeat
-    order = sorted(range(len(pairs)), key=lambda i: (_round_up(len(pairs[i][2])), _round_up(len(pairs[i][3])), i))
+    order = sorted(range(len(pairs)), key=lambda i: (_round_up(len(pairs[i][2])), _round_up(len(pairs[i][3]), OPTION_BUCKET), i))
     out: list[list[float]] = [[float("nan")] * len(r.choices) for r in records]
     score = reference_logprob_fn(cfg)
     pad = int(tokenizer.pad_id)
@@ -80,7 +82,7 @@ def choice_logprobs(params, cfg, tokenizer, records: Sequence[PromptRecord], *, 
         chunk = [pairs[i] for i in order[s:s + batch_size]]
         rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # a fixed batch size: one program per length bucket
         P = _round_up(max(len(c[2]) for c in rows))
-        C = _round_up(max(len(c[3]) for c in rows))
+        C = _round_up(max(len(c[3]) for c in rows), OPTION_BUCKET)
         ptok = np.full((batch_size, P), pad, np.int32)
         pmask = np.zeros((batch_size, P), np.int32)
         ctok = np.full((batch_size, C), pad, np.int32)
