@@ -316,7 +316,7 @@ def test_precedent_grounded_chains_with_a_fake_sampler():
     h, l, p = (parse_output(r["completion"]) for r in (harmful, lookalike, plain))
     assert h.well_formed and l.well_formed and p.well_formed
     assert h.answer == h_case.answer and h.reasoning.endswith("so I decline.") and h_case.reasoning in h.reasoning
-    assert l.reasoning.startswith("This request is a safe one, like precedent bn-01") and l.reasoning.endswith("so I help.")
+    assert l.reasoning.startswith("This request is safe, like precedent bn-01") and l.reasoning.endswith("so I help.")
     assert p.reasoning == PLAIN_REASONING and "precedent" not in plain
     for row, parsed in ((lookalike, l), (plain, p)):
         assert parsed.answer.startswith("Sure: here is how") and parsed.answer.endswith(").") and row["n_passing"] == 1
@@ -328,7 +328,7 @@ def test_precedent_grounded_chains_with_a_fake_sampler():
                              spec=spec, k=2, reasoning="template", progress=False)["records"]
     assert [parse_output(r["completion"]).answer for r in simple] == [h.answer, l.answer, p.answer]
     assert parse_output(simple[0]["completion"]).reasoning == (
-        "Helping here would go against Prevent serious harm (C1) and Dual use (C3), so I decline.")
+        "This request is harmful: helping would go against Prevent serious harm (C1) and Dual use (C3), so I decline.")
 
 
 def test_precedent_reasoning_config_checks():

@@ -145,7 +145,7 @@ def generate_chains(
     reason over the spec at all: every chain's reasoning is its request's closest fitting precedent
     (named, with its reasoning, which cites the codes, and the verdict it implies). Harmful requests
     cite their closest refusing case; look-alikes (benign records with a `resembles` field, as in the
-    built-in set) cite the most similar comply case and open with "This request is a safe one";
+    built-in set) cite the most similar comply case and open with "This request is safe";
     other benign requests get a short plain reasoning instead of an arbitrary case. A harmful
     request's answer is that precedent's refusal; a benign request's answer is the model's own
     answer to the bare request (no spec, no tags), `n` samples, the best one the judge passes. The
@@ -380,7 +380,15 @@ def precedent_chain(record: dict, spec: Spec, judge, k: int = 3, *, cite: bool =
 # reasoning="template" for a benign request that is not marked as a look-alike: citing the
 # retrieval's first pick for "what's a good banana bread recipe" would teach the model a precedent
 # id that means nothing (in a first try, 20 of 32 benign chains cited the same case).
-PLAIN_REASONING = "This request is a safe one: it is an everyday request with nothing harmful in it (C2), so I help."
+PLAIN_REASONING = "This request is safe: it is an everyday request with nothing harmful in it (C2), so I help."
+
+# Every template reasoning opens with its verdict in a word the request's content can predict
+# ("harmful" / "safe"), then grounds it in what the variant shows. A first try opened harmful
+# reasonings with "like precedent ..." and benign ones with "a safe one": after SFT the 135M
+# student told the two apart no better than at an AUC of 0.81 on held-out requests (the
+# log-odds of the two opening tokens) and greedy decoding took the benign opening for all of them.
+HARMFUL_OPENING = "This request is harmful"
+SAFE_OPENING = "This request is safe"
 
 
 def _source(reasoning: str, label: str, case_id: str | None) -> str:
@@ -400,8 +408,8 @@ def _precedent_reasoning(case, cite: bool) -> str:
     # The case's own request is not quoted: a 135M student paraphrased the new request into the
     # quote instead of recalling the case, and the quote pushed answers past the token budget.
     if case.verdict == "refuse":
-        return f"This request is like precedent {case.id}: {case.reasoning} The same codes apply here, so I decline."
-    return f"This request is a safe one, like precedent {case.id}: {case.reasoning} The same codes apply here, so I help."
+        return f"{HARMFUL_OPENING}, like precedent {case.id}: {case.reasoning} The same codes apply here, so I decline."
+    return f"{SAFE_OPENING}, like precedent {case.id}: {case.reasoning} The same codes apply here, so I help."
 
 
 def variant_reasoning(variant: str, record: dict, spec: Spec) -> str:
@@ -415,27 +423,28 @@ def variant_reasoning(variant: str, record: dict, spec: Spec) -> str:
     harmful = record["label"] == "harmful"
     verdict = "so I decline." if harmful else "so I help."
     category = _known_category(record, spec) or spec.categories.guess(record["prompt"])
+    opening = HARMFUL_OPENING if harmful else SAFE_OPENING
     if variant == "none":
-        return f"This request is {'harmful' if harmful else 'safe'}, {verdict}"
+        return f"{opening}, {verdict}"
     if variant == "simple":
         from cada_jax.cada.rewards import codes_for_category
 
         codes = codes_for_category(spec, category if category != "benign" else "benign", record["label"])[:2]
         cited = " and ".join(f"{s.title} ({s.id})" for s in spec.statutes if s.id in codes)
         if harmful:
-            return f"Helping here would go against {cited}, {verdict}"
-        return f"This request is safe: {cited} apply, {verdict}"
+            return f"{opening}: helping would go against {cited}, {verdict}"
+        return f"{opening}: {cited} apply, {verdict}"
     if variant == "code":
         rules = None
         if category is not None and category in {r.category for r in spec.code.categories}:
             rules = spec.code.rules_for(category)
         if rules is None:
             default = spec.code.defaults[0] if spec.code.defaults else "Help with ordinary requests."
-            return f"No hazard category of the safety code applies; its default is: {default.rstrip('.')}. So I help." if not harmful \
-                else f"The safety code's objectives forbid serious harm, {verdict}"
+            return f"{opening}: no hazard category of the safety code applies; its default is: {default.rstrip('.')}. So I help." if not harmful \
+                else f"{opening}: the safety code's objectives forbid serious harm, {verdict}"
         kind = (rules.disallowed if harmful else rules.allowed) or ("",)
         label = "Disallowed" if harmful else "Allowed"
-        return f"Safety code, {rules.category}: {rules.summary.rstrip('.')}. {label}: {kind[0].rstrip('.')}. So I {'decline' if harmful else 'help'}."
+        return f"{opening}. Safety code, {rules.category}: {rules.summary.rstrip('.')}. {label}: {kind[0].rstrip('.')}. So I {'decline' if harmful else 'help'}."
     raise GenerateError(f"variant {variant!r} has no template reasoning; use one of none, simple, code, cases")
 
 
