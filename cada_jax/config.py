@@ -377,7 +377,7 @@ class PipelineSection:
     eval_before: bool = _f(True, "also evaluate the starting model, for the before/after table")
     rl_data: str = _f("", "JSONL of RL requests {prompt, label}; empty = the same requests as generation")
     rl_lr: float = _f(0.0, "peak learning rate of the RL stage; 0 = optim.lr (which the SFT stage uses)")
-    rl_fresh: bool = _f(False, "RL on the next generate.limit requests of each set instead of the ones distilled by SFT (needs generate.limit > 0; ignored with rl_data)")
+    rl_fresh: bool = _f(False, "RL on the next window of requests of each training set (the next generate.limit, or the next `limit` of each generate.sources entry) instead of the ones distilled by SFT (needs a limit; ignored with rl_data)")
 
     def __post_init__(self):
         allowed = ("generate", "sft", "rl", "eval")
@@ -395,6 +395,8 @@ def _check_rl_fresh(cfg) -> None:
     _check(not cfg.pipeline.rl_fresh or limited or cfg.pipeline.rl_data, "pipeline.rl_fresh",
            "needs generate.limit > 0 (or a generate.sources entry with a limit): with no limit the generate stage already uses every training request")
     _check(not (g.sources and g.data), "generate.sources", "give generate.data (one JSONL file) or generate.sources, not both")
+    _check(not (g.sources and g.limit), "generate.limit", "applies to the built-in sets when generate.sources is empty; "
+           "with generate.sources give each source its own limit, e.g. {name: builtin, limit: 25}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,10 +488,12 @@ def describe_text(sections: Iterable[str] = ()) -> str:
     return "\n".join(out).rstrip("\n")
 
 
-def config_changes(saved: dict, current: dict, may_change: tuple[str, ...] = ()) -> list[str]:
+def config_changes(saved: dict, current: dict, may_change: tuple[str, ...] = (), *, defaults: dict | None = None) -> list[str]:
     """`key old -> new` for every leaf that differs between two `to_dict` configs, except keys
     that start with one of `may_change`, and keys only one side has (a key added or removed by a
-    newer version of the project keeps its default meaning)."""
+    newer version of the project keeps its default meaning). With `defaults` (a `to_dict` of the
+    defaults), a key the saved config lacks counts as a change when its current value is not the
+    default: a folder written before the key existed ran with the default."""
 
     def flat(tree: dict, prefix: str = "") -> dict:
         out = {}
@@ -501,6 +505,11 @@ def config_changes(saved: dict, current: dict, may_change: tuple[str, ...] = ())
         return out
 
     old, new = flat(saved), flat(current)
-    return [f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(set(old) & set(new))
-            if not key.startswith(tuple(may_change)) and old[key] != new[key]]
+    changes = [f"{key} {old[key]!r} -> {new[key]!r}" for key in sorted(set(old) & set(new))
+               if not key.startswith(tuple(may_change)) and old[key] != new[key]]
+    if defaults is not None:
+        base = flat(defaults)
+        changes += [f"{key} (default {base[key]!r}) -> {new[key]!r}" for key in sorted(set(new) - set(old))
+                    if key in base and not key.startswith(tuple(may_change)) and new[key] != base[key]]
+    return changes
 

@@ -167,3 +167,8 @@ def test_config_changes_ignore_keys_one_side_lacks():
     now = {"optim": {"lr": 2e-4, "new_key": 8}, "run": {"progress": False}}
     assert config_changes(saved, now) == ["optim.lr 0.0001 -> 0.0002", "run.progress True -> False"]
     assert config_changes(saved, now, ("run.",)) == ["optim.lr 0.0001 -> 0.0002"]
+    # with the defaults, a key the saved config lacks is a change only when it is not the default
+    defaults = {"optim": {"lr": 1e-4, "new_key": 8}, "run": {"progress": True}}
+    assert config_changes(saved, now, ("run.",), defaults=defaults) == ["optim.lr 0.0001 -> 0.0002"]
+    assert config_changes(saved, {**now, "optim": {"lr": 1e-4, "new_key": 9}}, ("run.",), defaults=defaults) == [
+        "optim.new_key (default 8) -> 9"]

@@ -390,3 +390,17 @@ def test_the_configured_judge_reaches_every_stage(tiny_long_dir, tmp_path, monke
     # are blank lines, which are no answer and never reach a judge
     assert built == ["http", "http", "http"]
     assert {"answer", "chain"} <= set(server.kinds)
+
+
+@pytest.mark.parametrize("text, reason, kept", [
+    ("Preheat the oven. Mix the flour and", "length", "Preheat the oven."),
+    ("Preheat the oven. Mix the flour and", "stop", "Preheat the oven. Mix the flour and"),  # stopped on its own
+    ("Steps:\n1. Heat the pan.\n2.", "length", "Steps:\n1. Heat the pan."),                  # a list number is no end
+    ("Use salt, e.g. sea salt. Then", "length", "Use salt, e.g. sea salt."),                 # nor an abbreviation
+    ("Ask Dr. Lee! Then", "length", "Ask Dr. Lee!"),
+    ("no sentence ends here", "length", "no sentence ends here"),
+])
+def test_whole_sentences_of_a_cut_answer(text, reason, kept):
+    from cada_jax.cada.generate import whole_sentences
+
+    assert whole_sentences(text, reason) == kept

@@ -72,3 +72,5 @@ def test_train_ablation_trains_each_variant_and_pairs_the_prompts(tiny_long_dir,
     assert table["rows"][2][col]["value"] == pytest.approx(util["cases"]["accuracy"]) and util["cases"]["n"] == 5
     t = paired[("cases", "none", "bigbench_general_knowledge_accuracy")]
     assert t["p_value"] == mcnemar_exact(util["cases"]["correct"], util["none"]["correct"])["p_value"]
+    report = (out / "cases" / "report.md").read_text()
+    assert "Before / after: advbench" in report and "Before / after: builtin" in report and "Utility: multiple-choice" in report

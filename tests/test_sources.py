@@ -67,6 +67,8 @@ def test_config_checks_sources():
         config_from_dict({"generate": {"sources": [{"name": "builtin"}]}, "pipeline": {"rl_fresh": True}})
     with pytest.raises(ConfigError, match="name"):
         config_from_dict({"eval": {"sets": [{"limit": 3}]}})
+    with pytest.raises(ConfigError, match="generate.limit: applies to the built-in sets"):
+        config_from_dict({"generate": {"limit": 4, "sources": [{"name": "builtin", "limit": 4}]}})
 
 
 def test_eval_sets_drop_training_requests_and_report_where_requests_came_from(tmp_path):
@@ -85,6 +87,30 @@ def test_eval_sets_drop_training_requests_and_report_where_requests_came_from(tm
     held = {normalize_prompt(r.prompt) for r in records if r.source == "advbench"}
     assert len(held) == 4 and not held & seen
     assert request_sources(training_requests(cfg)) == {"builtin": {"harmful": 2, "benign": 4}, "advbench": {"harmful": 4}}
+    # a limit on the held-out set is taken after the training requests are dropped, not before
+    limited = config_from_dict({**{k: v for k, v in cfg_dict(cfg).items() if k != "eval"},
+                                "eval": {"suite": "builtin", "limit": 2, "sets": [{"name": "advbench", "path": path, "limit": 3}]}})
+    records, sizes = eval_records(limited, seen)
+    assert sizes["advbench"] == {"records": 3, "dropped": 8}
+    # the same prompts are held out when a rerun evaluates only
+    evaluate_only = config_from_dict({**cfg_dict(cfg), "pipeline": {"rl_fresh": True, "stages": ["eval"]}})
+    assert trained_prompts(evaluate_only) == seen
+
+
+def cfg_dict(cfg):
+    from cada_jax.config import to_dict
+
+    return to_dict(cfg)
+
+
+def test_a_bad_utility_set_fails_before_any_model_loads(tmp_path):
+    from cada_jax.cada.pipeline import PipelineError, run_pipeline
+
+    path = _adv(tmp_path)
+    cfg = config_from_dict({"run": {"out_dir": str(tmp_path), "name": "r"}, "model": {"path": str(tmp_path / "no-model")},
+                            "eval": {"utility": [{"name": "advbench", "path": path}]}, "pipeline": {"stages": ["eval"]}})
+    with pytest.raises(PipelineError, match="eval.utility advbench: record 'advbench-0' has no choices"):
+        run_pipeline(cfg)
 
 
 def test_headline_per_set_and_tables(tmp_path):

@@ -462,15 +462,18 @@ def _lookalike_case(record: dict, cases):
 
 
 _SENTENCE_END = re.compile(r"[.!?][)\"'\u201d]?(?=\s|$)")
+# a full stop after these is not a sentence end: "e.g.", "Dr.", or a list number ("2.")
+_NOT_AN_END = re.compile(r"(?:^|[\s(])(?:\d+|[a-z]|e\.g|i\.e|etc|vs|mr|mrs|ms|dr|st|no|approx)\.$", re.IGNORECASE)
 
 
 def whole_sentences(text: str, finish_reason: str) -> str:
     """A sampled answer that hit its token budget (`finish_reason` "length"), cut after its last
     complete sentence, so the student is not taught to close its answer mid-sentence; unchanged
-    when it stopped on its own or has no complete sentence."""
+    when it stopped on its own or has no complete sentence. A list number ("2.") or an
+    abbreviation ("e.g.") does not end a sentence."""
     if finish_reason != "length":
         return text
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    ends = [m.end() for m in _SENTENCE_END.finditer(text) if not _NOT_AN_END.search(text[:m.start() + 1])]
     return text[:ends[-1]].rstrip() if ends else text
 
 

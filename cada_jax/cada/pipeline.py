@@ -160,19 +160,20 @@ def check_judges(cfg: Config) -> None:
 
 
 def trained_prompts(cfg: Config) -> set[str]:
-    """Every request the run's generate and RL stages train on, normalised
-    (`cada_jax.data.sources.normalize_prompt`): held-out prompts equal to one of them are dropped."""
+    """Every request the config trains on (generation, `sft.data`, RL), whichever stages this
+    invocation runs, normalised (`cada_jax.data.sources.normalize_prompt`): held-out prompts equal
+    to one of them are dropped, so a rerun of the eval alone holds out the same prompts."""
     from cada_jax.data.sources import normalize_prompt
+    from cada_jax.training.grpo_batch import read_prompt_records
 
-    rows = training_requests(cfg) if "generate" in cfg.pipeline.stages or "rl" in cfg.pipeline.stages else []
-    if "rl" in cfg.pipeline.stages:
-        if cfg.pipeline.rl_data:
-            from cada_jax.training.grpo_batch import read_prompt_records
-
-            rows = rows + read_prompt_records(cfg.pipeline.rl_data, key="pipeline.rl_data")
-        elif cfg.pipeline.rl_fresh:
-            rows = rows + training_requests(cfg, fresh=True)
-    return {normalize_prompt(str(r["prompt"])) for r in rows if isinstance(r.get("prompt"), str)}
+    rows = training_requests(cfg) if not cfg.generate.data or os.path.isfile(cfg.generate.data) else []
+    if cfg.pipeline.rl_data and os.path.isfile(cfg.pipeline.rl_data):
+        rows = rows + read_prompt_records(cfg.pipeline.rl_data, key="pipeline.rl_data")
+    elif cfg.pipeline.rl_fresh:
+        rows = rows + training_requests(cfg, fresh=True)
+    if cfg.sft.data and os.path.isfile(cfg.sft.data):
+        rows = rows + read_prompt_records(cfg.sft.data, key="sft.data")
+    return {normalize_prompt(str(r["prompt"])) for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)}
 
 
 def eval_records(cfg: Config, seen: set[str]) -> tuple[list, dict]:
@@ -182,15 +183,19 @@ def eval_records(cfg: Config, seen: set[str]) -> tuple[list, dict]:
     from cada_jax.eval.suites import load_suite
 
     e = cfg.eval
-    parts = [(e.suite, load_suite(e.suite, e.data or None, limit=e.limit or None))]
+    parts = [(e.suite, *drop_overlap(load_suite(e.suite, e.data or None, limit=e.limit or None), seen))]
     for src in e.sets:
-        recs = source_records(src, default_split="test", seed=cfg.run.seed)
-        for r in recs:
-            r.source = source_name(src)
-        parts.append((source_name(src), recs))
+        name = source_name(src)
+        while name in {p[0] for p in parts}:  # the same source twice: a distinct name per entry
+            name += "'"
+        # a benchmark's prompts that are training requests are dropped before its limit is taken
+        recs, dropped = source_records(src, default_split="test", seed=cfg.run.seed, exclude=seen)
+        if src.name != "builtin":
+            for r in recs:
+                r.source = name
+        parts.append((name, recs, dropped))
     records, sizes = [], {}
-    for name, recs in parts:
-        kept, dropped = drop_overlap(recs, seen)
+    for name, kept, dropped in parts:
         if dropped:
             _log(f"eval set {name}: dropped {len(dropped)} prompt(s) that are also training requests (e.g. {dropped[0].id!r})")
         if not kept:
@@ -198,6 +203,32 @@ def eval_records(cfg: Config, seen: set[str]) -> tuple[list, dict]:
         sizes[name] = {"records": len(kept), "dropped": len(dropped)}
         records.extend(kept)
     return records, sizes
+
+
+def utility_records(cfg: Config) -> dict[str, list]:
+    """{set name: records} of `eval.utility`; each must be multiple choice with a gold answer."""
+    from cada_jax.data.sources import source_name, source_records
+
+    out = {}
+    for src in cfg.eval.utility:
+        name = source_name(src)
+        recs = source_records(src, default_split="test", seed=cfg.run.seed)
+        bad = [r.id for r in recs if not r.choices or not r.answer]
+        if bad:
+            raise PipelineError(f"eval.utility {name}: record {bad[0]!r} has no choices and answer; name a multiple-choice set "
+                                "(e.g. bigbench_general_knowledge)")
+        out[name] = recs
+    return out
+
+
+def check_eval_sets(cfg: Config) -> None:
+    """Load the held-out and utility sets once, so a missing package or a bad file is an error
+    before any model loads (and before a stage's work is spent)."""
+    try:
+        eval_records(cfg, trained_prompts(cfg))
+        utility_records(cfg)
+    except (ValueError, OSError) as e:
+        raise PipelineError(f"eval: {e}") from None
 
 
 def _evaluate(cfg: Config, model: _Model, out_dir: str, tag: str, seen: set[str]) -> dict:
@@ -222,16 +253,10 @@ def _evaluate(cfg: Config, model: _Model, out_dir: str, tag: str, seen: set[str]
 
 def _utility(cfg: Config, model: _Model, out_dir: str) -> None:
     """Multiple-choice accuracy (log-likelihood of each option) on `eval.utility`, into utility.json."""
-    from cada_jax.data.sources import source_name, source_records
     from cada_jax.eval.likelihood import mc_accuracy
 
     out = {}
-    for src in cfg.eval.utility:
-        name = source_name(src)
-        recs = source_records(src, default_split="test", seed=cfg.run.seed)
-        bad = [r.id for r in recs if not r.choices or not r.answer]
-        if bad:
-            raise PipelineError(f"eval.utility {name}: record {bad[0]!r} has no choices and answer; name a multiple-choice set")
+    for name, recs in utility_records(cfg).items():
         _log(f"utility {name}: scoring {len(recs)} multiple-choice items by log-likelihood")
         res = mc_accuracy(model.params, model.cfg, model.tokenizer, recs, batch_size=cfg.eval.batch_size, progress=cfg.run.progress)
         out[name] = {"accuracy": res["accuracy"], "ci95": res["ci95"], "n": res["n"], "correct": res["correct"],
@@ -268,7 +293,7 @@ def headline(results_path: str) -> dict:
 def eval_set_of(row: dict) -> str:
     """The prompt set a result row belongs to: `builtin` for the built-in sets, else its source."""
     source = str(row.get("source") or "")
-    return "builtin" if source.startswith("builtin") else (row.get("eval_set") or source or "records")
+    return "builtin" if source.startswith("builtin") else (source or "records")
 
 
 def _headline_of(rows: list) -> dict:
@@ -416,7 +441,7 @@ def _check_rerun(cfg: Config, run_dir: str, state: dict) -> None:
         return
     with open(path, encoding="utf-8") as f:
         saved = yaml.safe_load(f)
-    changes = config_changes(saved, to_dict(cfg), RERUN_MAY_CHANGE) if isinstance(saved, dict) else []
+    changes = config_changes(saved, to_dict(cfg), RERUN_MAY_CHANGE, defaults=to_dict(Config())) if isinstance(saved, dict) else []
     if changes:
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         raise PipelineError(
@@ -440,6 +465,8 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
     from cada_jax.checkpoints.gguf_import import resolve_model
 
     check_judges(cfg)
+    if "eval" in cfg.pipeline.stages:
+        check_eval_sets(cfg)  # a bad held-out or utility set fails before any model loads
     if "generate" in cfg.pipeline.stages:
         from cada_jax.cada.spec_config import check_spec_section
 
@@ -555,17 +582,18 @@ def _run_pipeline(cfg: Config, run_dir: str) -> dict:
         elif cfg.pipeline.rl_fresh:
             raw = training_requests(cfg, fresh=True)
             if not raw:
-                raise PipelineError(f"pipeline.rl_fresh: no training requests after the first generate.limit={cfg.generate.limit} "
-                                    "of each set; lower generate.limit or set pipeline.rl_fresh=false")
+                raise PipelineError("pipeline.rl_fresh: no training requests after the ones generation took (generate.limit, or "
+                                    "each generate.sources limit); lower the limits or set pipeline.rl_fresh=false")
         else:
             raw = requests if requests is not None else training_requests(cfg)
-        raw = check_records(raw, cfg.pipeline.rl_data or cfg.generate.data or "built-in train sets")
+        raw = check_records(raw, cfg.pipeline.rl_data or cfg.generate.data or ("generate.sources" if cfg.generate.sources else "built-in train sets"))
         from cada_jax.cada.rewards import codes_for_category, codes_text_for  # also registers cada_safety, ...
 
         spec = pipeline_spec(cfg)
         records = []
         for r in raw:  # the codes the spec ties to each request's category reach the chain rubric
-            codes = codes_for_category(spec, r.get("category"), r["label"])
+            category = r.get("category") or (spec.categories.guess(r["prompt"]) if isinstance(r["prompt"], str) else None)
+            codes = codes_for_category(spec, category, r["label"])
             records.append({"prompt": build_plain_messages(r["prompt"]), "label": r["label"], "category": r.get("category"),
                             "codes": codes, "codes_text": codes_text_for(spec, codes)})
         rl = cfg.rl

@@ -33,18 +33,22 @@ def _order_key(seed: int, rec: PromptRecord) -> str:
     return hashlib.sha256(f"{seed}\x00{rec.source}\x00{rec.id}".encode()).hexdigest()
 
 
-def source_records(src: Any, *, default_split: str, seed: int = 0, window: int = 0) -> list[PromptRecord]:
+def source_records(src: Any, *, default_split: str, seed: int = 0, window: int = 0, exclude: set[str] | None = None):
     """The records of one source (a `DataSource`): window 0 = the first `limit`, window 1 = the next
-    `limit` (empty when `limit` is 0: the first window already holds every record)."""
+    `limit` (empty when `limit` is 0: the first window already holds every record).
+
+    With `exclude` (normalised prompts, `normalize_prompt`): records whose prompt is in it are
+    dropped *before* the limit is taken, and the result is `(records, dropped)`."""
     from cada_jax.data.builtin import builtin_records
 
     limit = int(src.limit)
     if window and not limit:
-        return []
+        return ([], []) if exclude is not None else []
     if src.name == "builtin":
         if src.path:
             raise ValueError(f"source builtin: the built-in sets ship with the package and take no path; drop path {src.path!r}")
-        return builtin_records(limit or None, src.split or default_split, offset=window * limit)
+        records = builtin_records(limit or None, src.split or default_split, offset=window * limit)
+        return drop_overlap(records, exclude) if exclude is not None else records
     from cada_jax.data.loaders import available_loaders, load_benchmark
 
     if src.name not in available_loaders():
@@ -52,10 +56,12 @@ def source_records(src: Any, *, default_split: str, seed: int = 0, window: int =
     records = load_benchmark(src.name, src.path or None, split=src.split or None)
     if not records:
         raise ValueError(f"source {source_name(src)} ({src.path or 'packaged copy'}) has no records; check its split and file")
-    if not limit:
-        return records
-    records = sorted(records, key=lambda r: _order_key(seed, r))
-    return records[window * limit:(window + 1) * limit]
+    dropped: list[PromptRecord] = []
+    if exclude is not None:
+        records, dropped = drop_overlap(records, exclude)
+    if limit:
+        records = sorted(records, key=lambda r: _order_key(seed, r))[window * limit:(window + 1) * limit]
+    return (records, dropped) if exclude is not None else records
 
 
 _WORD = re.compile(r"[a-z0-9]+")

@@ -223,6 +223,39 @@ def pick_examples(stages: Sequence[tuple[str, Path, dict]], n_examples: int, *, 
 # ---------------------------------------------------------------------------------------------
 
 
+_HEADLINE_COLUMNS = (("harmful_refusal", "harmful refusal", "up"), ("lookalike_compliance", "look-alike compliance", "up"),
+                     ("benign_compliance", "benign compliance", "up"), ("format_rate", "format rate", "up"),
+                     ("no_answer_rate", "no final answer", "down"), ("distinct_openings", "distinct openings", "up"),
+                     ("mean_answer_words", "answer words", ""))
+
+
+def _headline_tables(root: Path) -> list[dict]:
+    """A pipeline run's headline.json as tables: before/after per held-out set, and the utility sets
+    (accuracy with its bootstrap 95% interval, McNemar's p against the starting model)."""
+    path = root / "headline.json"
+    if not path.is_file():
+        return []
+    h = json.loads(path.read_text(encoding="utf-8"))
+    before, after = h.get("before") or {}, h.get("after") or {}
+    sets = after.get("sets") or {"held-out": after}
+    out = []
+    for name, a in sets.items():
+        b = (before.get("sets") or {}).get(name) if before.get("sets") else (before or None)
+        rows = [[label] + [run.get(k) for k, _, _ in _HEADLINE_COLUMNS] for label, run in (("before", b), ("after", a)) if run]
+        out.append({"title": f"Before / after: {name}", "columns": ["model"] + [c for _, c, _ in _HEADLINE_COLUMNS],
+                    "rows": rows, "better": {c: d for _, c, d in _HEADLINE_COLUMNS if d}})
+    util = after.get("utility") or {}
+    if util:
+        rows = []
+        for name, u in util.items():
+            bu = (before.get("utility") or {}).get(name)
+            cell = lambda x: {"value": x["accuracy"], "ci": x["ci95"]} if x else None
+            rows.append([name, cell(bu), cell(u), u.get("p_value"), u["n"]])
+        out.append({"title": "Utility: multiple-choice accuracy by log-likelihood (bootstrap 95% CI; McNemar p, after vs before)",
+                    "columns": ["set", "before", "after", "McNemar p", "items"], "rows": rows, "better": {}})
+    return out
+
+
 def build_run_report(run_dir: str | Path, *, title: str | None = None, n_examples: int = 2) -> dict[str, Any]:
     """Write report.md, report.html and plots/ into `run_dir` from what it contains; return the paths.
 
@@ -262,6 +295,7 @@ def build_run_report(run_dir: str | Path, *, title: str | None = None, n_example
                 per_cat[f"{name} — {label}" if several else name] = labelled
         examples = pick_examples(stages, n_examples, show_stage=len(stages) > 1)
 
+    tables.extend(_headline_tables(root))
     if title is None:
         models = sorted({str(s.get("model")) for _, _, s in found if s.get("model")})
         title = "CADA evaluation" + (f": {', '.join(models)}" if models else f": {root.name}")
