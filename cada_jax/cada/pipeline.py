@@ -225,7 +225,11 @@ def check_eval_sets(cfg: Config) -> None:
     """Load the held-out and utility sets once, so a missing package or a bad file is an error
     before any model loads (and before a stage's work is spent)."""
     try:
-        eval_records(cfg, trained_prompts(cfg))
+        seen = trained_prompts(cfg)
+    except (ValueError, OSError) as e:
+        raise PipelineError(f"training requests (generate.sources / generate.data / rl_data / sft.data): {e}") from None
+    try:
+        eval_records(cfg, seen)
         utility_records(cfg)
     except (ValueError, OSError) as e:
         raise PipelineError(f"eval: {e}") from None
