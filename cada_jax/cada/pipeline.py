@@ -74,8 +74,6 @@ def training_requests(cfg: Config, *, fresh: bool = False) -> list[dict]:
 
     `fresh=True`: the next window of each source (the next `limit` requests after those), for an
     RL stage on requests the SFT data did not contain (empty when there are no more)."""
-    from cada_jax.data.builtin import BUILTIN_SETS, load_builtin, round_robin
-
     g = cfg.generate
     if g.data:
         from cada_jax.training.grpo_batch import read_prompt_records
@@ -87,13 +85,10 @@ def training_requests(cfg: Config, *, fresh: bool = False) -> list[dict]:
 
         return [_request(r) for src in g.sources
                 for r in source_records(src, default_split="train", seed=cfg.run.seed, window=int(fresh))]
-    lo, hi = (g.limit, 2 * g.limit) if fresh else (0, g.limit or None)
-    rows = []
-    for name in BUILTIN_SETS:  # a limit takes each category in turn, as the eval suite does
-        part = load_builtin(name, "train")
-        part = round_robin(part, "resembles" if name == "lookalike" else "category")[lo:hi] if g.limit else part
-        rows.extend({**r, "source": f"builtin:{name}"} for r in part)
-    return rows
+    from cada_jax.data.builtin import builtin_records
+
+    # the built-in train sets, generate.limit of each taking its categories in turn
+    return [_request(r) for r in builtin_records(g.limit or None, "train", offset=g.limit if fresh else 0)]
 
 
 def request_sources(requests: list[dict]) -> dict:
